@@ -1,0 +1,18 @@
+"""shardtensor: unchanged PyTorch model code, Megatron-style tensor parallel."""
+from .spec import ComputePattern, ComputeSpec, PartialSpec, ReplicaSpec, ShardSpec
+from .groups import ProcessGroup, Topology, init_distributed
+from .trace import CommEvent, CommTrace
+from .dispatch import ShardingError, UnsupportedOpError, config, rule
+from .tensor import ShardedTensor
+from . import ops  # registers the rules
+from .annotate import replicate, shard_param, split_col, split_row
+from .launch import launch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ShardSpec", "ReplicaSpec", "PartialSpec", "ComputePattern", "ComputeSpec",
+    "ProcessGroup", "Topology", "init_distributed",
+    "ShardedTensor", "CommTrace", "CommEvent", "UnsupportedOpError", "ShardingError", "config",
+    "rule", "split_row", "split_col", "replicate", "shard_param", "launch",
+]

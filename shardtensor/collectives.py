@@ -1,0 +1,311 @@
+"""Autograd-aware collectives on local shards: Megatron's f/g pairs and their relatives.
+
+Each is a small `torch.autograd.Function` whose name says what it does forward; its backward is
+the conjugate collective. Every collective issued reports to `CommTrace`. A group of one rank
+communicates nothing. `redistribute_local` moves a local shard between any two layouts.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import trace as _trace
+from .spec import ShardSpec, Spec, assemble, local_size, shard_ranges, take_shard
+
+__all__ = [
+    "copy_to_region", "reduce_from_region", "gather_from_region", "scatter_to_region",
+    "reduce_scatter_to_region", "all_to_all_region", "partial_from_replica",
+    "partial_from_shard", "redistribute_local", "all_reduce_",
+]
+
+_all_gather_base = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_base = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _record(kind: str, t: torch.Tensor, pg, op, phase: str) -> None:
+    if _trace._ACTIVE:
+        _trace.record(kind, t.numel() * t.element_size(), pg.tp_world_size(), op, phase)
+
+
+# --- raw collectives (no autograd) -------------------------------------------------------------
+
+def all_reduce_(x: torch.Tensor, pg, op=None, phase: str = "forward") -> torch.Tensor:
+    """Sum `x` in place over the tensor-parallel group."""
+    if pg.tp_world_size() == 1:
+        return x
+    _record("all_reduce", x, pg, op, phase)
+    dist.all_reduce(x, group=pg.tp_process_group())
+    return x
+
+
+def _all_gather(x: torch.Tensor, spec: ShardSpec, n: int, pg, op, phase) -> torch.Tensor:
+    """Gather the pieces of a dim of global size n laid out by `spec`, uneven pieces included."""
+    d, dim = pg.tp_world_size(), spec.dim
+    if d == 1:
+        return x
+    sizes = [local_size(n, d, spec.stride, r) for r in range(d)]
+    m = max(sizes)
+    xt = x.movedim(dim, 0) if dim else x
+    if xt.shape[0] < m:  # pad this rank's piece to the largest so every rank sends the same
+        xt = torch.cat([xt, xt.new_zeros((m - xt.shape[0],) + tuple(xt.shape[1:]))])
+    xt = xt.contiguous()
+    out = xt.new_empty((d * m,) + tuple(xt.shape[1:]))
+    _record("all_gather", out, pg, op, phase)
+    _all_gather_base(out, xt, group=pg.tp_process_group())
+    if m * d == n and spec.stride == 1:
+        full = out
+    else:
+        pieces = [out.narrow(0, r * m, sizes[r]) for r in range(d)]
+        full = assemble(pieces, ShardSpec(0, d, spec.stride))
+    return full.movedim(0, dim) if dim else full
+
+
+def _reduce_scatter(x: torch.Tensor, spec: ShardSpec, pg, op, phase) -> torch.Tensor:
+    """Sum full-shaped summands over the group and keep this rank's piece of `spec.dim`."""
+    d, dim = pg.tp_world_size(), spec.dim
+    if d == 1:
+        return x
+    n = x.shape[dim]
+    sizes = [local_size(n, d, spec.stride, r) for r in range(d)]
+    m = max(sizes)
+    xt = x.movedim(dim, 0) if dim else x
+    s0 = ShardSpec(0, d, spec.stride)
+    if m * d == n and spec.stride == 1:
+        send = xt.contiguous()
+    else:
+        parts = []
+        for r in range(d):
+            p = take_shard(xt, s0, r)
+            if sizes[r] < m:
+                p = torch.cat([p, p.new_zeros((m - sizes[r],) + tuple(p.shape[1:]))])
+            parts.append(p)
+        send = torch.cat(parts).contiguous()
+    out = send.new_empty((m,) + tuple(send.shape[1:]))
+    _record("reduce_scatter", send, pg, op, phase)
+    _reduce_scatter_base(out, send, group=pg.tp_process_group())
+    me = pg.tp_local_rank()
+    if sizes[me] < m:
+        out = out[: sizes[me]]
+    return out.movedim(0, dim) if dim else out
+
+
+def _all_to_all(x: torch.Tensor, src: ShardSpec, dst: ShardSpec, full_shape: Sequence[int], pg,
+                op, phase) -> torch.Tensor:
+    """Shard(src.dim) -> Shard(dst.dim): send every rank its piece of dst.dim, receive this
+    rank's piece of dst.dim from every rank, and join them along src.dim."""
+    d = pg.tp_world_size()
+    if d == 1:
+        return x
+    me = pg.tp_local_rank()
+    nb, na = full_shape[dst.dim], full_shape[src.dim]
+    send_pieces = [take_shard(x, dst, j).contiguous() for j in range(d)]
+    send = torch.cat([p.reshape(-1) for p in send_pieces])
+    recv_shapes = []
+    for i in range(d):
+        s = list(x.shape)
+        s[src.dim] = local_size(na, d, src.stride, i)
+        s[dst.dim] = local_size(nb, d, dst.stride, me)
+        recv_shapes.append(s)
+    recv_numels = [int(torch.Size(s).numel()) for s in recv_shapes]
+    recv = send.new_empty(sum(recv_numels))
+    _record("all_to_all", send, pg, op, phase)
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_numels,
+                           input_split_sizes=[p.numel() for p in send_pieces],
+                           group=pg.tp_process_group())
+    pieces = [c.view(s) for c, s in zip(torch.split(recv, recv_numels), recv_shapes)]
+    return assemble(pieces, src)
+
+
+# --- autograd Functions ------------------------------------------------------------------------
+
+class _CopyToRegion(torch.autograd.Function):
+    """Forward: identity (a replicated value enters a parallel region). Backward: all-reduce."""
+
+    @staticmethod
+    def forward(ctx, x, pg, op):
+        ctx.pg, ctx.op = pg, op
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce_(g.clone(), ctx.pg, ctx.op, "backward"), None, None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    """Forward: all-reduce (summands become the replicated sum). Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x, pg, op, inplace):
+        return all_reduce_(x if inplace else x.clone(), pg, op, "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None, None
+
+
+class _GatherFromRegion(torch.autograd.Function):
+    """Forward: all-gather the shards of `spec.dim`. Backward: keep this rank's shard."""
+
+    @staticmethod
+    def forward(ctx, x, spec, n, pg, op):
+        ctx.spec, ctx.pg = spec, pg
+        return _all_gather(x, spec, n, pg, op, "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        return take_shard(g, ctx.spec, ctx.pg.tp_local_rank()), None, None, None, None
+
+
+class _ScatterToRegion(torch.autograd.Function):
+    """Forward: keep this rank's shard of a replicated value (no communication).
+    Backward: all-gather the gradient shards."""
+
+    @staticmethod
+    def forward(ctx, x, spec, pg, op):
+        ctx.spec, ctx.pg, ctx.op, ctx.n = spec, pg, op, x.shape[spec.dim]
+        return take_shard(x, spec, pg.tp_local_rank()).clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.spec, ctx.n, ctx.pg, ctx.op, "backward"), None, None, None
+
+
+class _ReduceScatterToRegion(torch.autograd.Function):
+    """Forward: reduce-scatter summands into shards. Backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, spec, pg, op):
+        ctx.spec, ctx.pg, ctx.op, ctx.n = spec, pg, op, x.shape[spec.dim]
+        return _reduce_scatter(x, spec, pg, op, "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.spec, ctx.n, ctx.pg, ctx.op, "backward"), None, None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Forward: Shard(src.dim) -> Shard(dst.dim) by all-to-all. Backward: the reverse."""
+
+    @staticmethod
+    def forward(ctx, x, src, dst, full_shape, pg, op):
+        ctx.args = (src, dst, full_shape, pg, op)
+        return _all_to_all(x, src, dst, full_shape, pg, op, "forward")
+
+    @staticmethod
+    def backward(ctx, g):
+        src, dst, full_shape, pg, op = ctx.args
+        return _all_to_all(g, dst, src, full_shape, pg, op, "backward"), None, None, None, None, None
+
+
+class _PartialFromReplica(torch.autograd.Function):
+    """Forward: rank 0 keeps the value, the others hold zeros (their sum is the value).
+    Backward: identity (a summand's gradient is the sum's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, pg):
+        return x.clone() if pg.tp_local_rank() == 0 else torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _PartialFromShard(torch.autograd.Function):
+    """Forward: this rank's shard placed in zeros of the full shape. Backward: take the shard.
+    (A Function, not slicing ops, so that an empty shard stays connected to the graph: every
+    rank must run the same backward collectives.)"""
+
+    @staticmethod
+    def forward(ctx, x, spec, full_shape, pg):
+        ctx.spec, ctx.rank = spec, pg.tp_local_rank()
+        out = x.new_zeros(full_shape)
+        ranges = shard_ranges(full_shape[spec.dim], spec.degree, spec.stride, ctx.rank)
+        if ranges[0][1]:
+            for (start, length), piece in zip(ranges, torch.split(x, ranges[0][1], spec.dim)):
+                out.narrow(spec.dim, start, length).copy_(piece)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return take_shard(g, ctx.spec, ctx.rank), None, None, None
+
+
+# --- public wrappers (local tensors in, local tensors out) -------------------------------------
+
+def copy_to_region(x: torch.Tensor, pg, op=None) -> torch.Tensor:
+    if pg.tp_world_size() == 1 or not x.requires_grad:
+        return x
+    return _CopyToRegion.apply(x, pg, op)
+
+
+def reduce_from_region(x: torch.Tensor, pg, op=None, inplace: bool = False) -> torch.Tensor:
+    if pg.tp_world_size() == 1:
+        return x
+    return _ReduceFromRegion.apply(x, pg, op, inplace)
+
+
+def gather_from_region(x: torch.Tensor, spec: ShardSpec, n: int, pg, op=None) -> torch.Tensor:
+    if pg.tp_world_size() == 1:
+        return x
+    return _GatherFromRegion.apply(x, spec, n, pg, op)
+
+
+def scatter_to_region(x: torch.Tensor, spec: ShardSpec, pg, op=None) -> torch.Tensor:
+    if pg.tp_world_size() == 1:
+        return x
+    if not x.requires_grad:
+        return take_shard(x, spec, pg.tp_local_rank())
+    return _ScatterToRegion.apply(x, spec, pg, op)
+
+
+def reduce_scatter_to_region(x: torch.Tensor, spec: ShardSpec, pg, op=None) -> torch.Tensor:
+    if pg.tp_world_size() == 1:
+        return x
+    return _ReduceScatterToRegion.apply(x, spec, pg, op)
+
+
+def all_to_all_region(x: torch.Tensor, src: ShardSpec, dst: ShardSpec, full_shape, pg,
+                      op=None) -> torch.Tensor:
+    if pg.tp_world_size() == 1:
+        return x
+    return _AllToAll.apply(x, src, dst, tuple(full_shape), pg, op)
+
+
+def partial_from_replica(x: torch.Tensor, pg) -> torch.Tensor:
+    if pg.tp_world_size() == 1:
+        return x
+    return _PartialFromReplica.apply(x, pg)
+
+
+def partial_from_shard(x: torch.Tensor, spec: ShardSpec, full_shape, pg) -> torch.Tensor:
+    """A shard as a summand: zeros outside this rank's piece. Local; backward slices back."""
+    if pg.tp_world_size() == 1:
+        return x
+    return _PartialFromShard.apply(x, spec, tuple(full_shape), pg)
+
+
+def redistribute_local(x: torch.Tensor, src: Spec, dst: Spec, full_shape, pg, op=None,
+                       inplace: bool = False) -> torch.Tensor:
+    """This rank's local tensor of a value moved from layout `src` to `dst` (both normalised),
+    using the one collective the move needs (none where none is needed). Differentiable."""
+    if src == dst:
+        return x
+    if src.is_shard:
+        if dst.is_replicate:
+            return gather_from_region(x, src, full_shape[src.dim], pg, op)
+        if dst.is_partial:
+            return partial_from_shard(x, src, full_shape, pg)
+        if dst.dim == src.dim:  # same dim, another stride: through the full value
+            return scatter_to_region(gather_from_region(x, src, full_shape[src.dim], pg, op),
+                                     dst, pg, op)
+        return all_to_all_region(x, src, dst, full_shape, pg, op)
+    if src.is_replicate:
+        if dst.is_shard:
+            return scatter_to_region(x, dst, pg, op)
+        return partial_from_replica(x, pg)
+    # src is partial
+    if dst.is_replicate:
+        return reduce_from_region(x, pg, op, inplace)
+    return reduce_scatter_to_region(x, dst, pg, op)

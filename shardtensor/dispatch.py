@@ -1,0 +1,70 @@
+"""The dispatch table: one registry from torch functions to sharding rules.
+
+A rule is `fn(func, args, kwargs)`: it reads the input layouts, decides the output layout and
+the collectives, runs plain torch on local shards and returns wrapped results. Rules live in
+`shardtensor/ops/<family>.py` and register themselves with `@rule(...)`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+__all__ = ["rule", "RULES", "UnsupportedOpError", "ShardingError", "config", "has_rule"]
+
+RULES: Dict[object, Callable] = {}
+
+
+def rule(*funcs) -> Callable:
+    """Register the decorated function as the sharding rule of every torch function in `funcs`.
+
+    >>> @rule(torch.fft.fft)
+    ... def fft_rule(func, args, kwargs): ...
+    """
+    def deco(fn: Callable) -> Callable:
+        for f in funcs:
+            if f in RULES and RULES[f] is not fn:
+                raise ValueError(f"{f!r} already has the rule {RULES[f].__qualname__}; "
+                                 f"unregister it first (del shardtensor.dispatch.RULES[f])")
+            RULES[f] = fn
+        return fn
+    return deco
+
+
+def has_rule(func) -> bool:
+    return func in RULES
+
+
+class UnsupportedOpError(NotImplementedError):
+    """A torch function met a ShardedTensor and no sharding rule exists for it."""
+
+
+class ShardingError(ValueError):
+    """Inputs whose layouts, process groups or shapes cannot be combined as asked."""
+
+
+class _Config:
+    """Library-wide settings.
+
+    fallback: None (default) raises UnsupportedOpError for an op with no rule; "gather" gathers
+        the inputs, runs the op serially and warns once per op.
+    dropout: "independent" (default): sharded regions draw per-rank streams, replicated regions
+        the same mask on every rank; "serial": masks equal the serial model's for the same seed.
+    """
+
+    __slots__ = ("fallback", "dropout")
+
+    def __init__(self):
+        self.fallback = None
+        self.dropout = "independent"
+
+    def __setattr__(self, name, value):
+        if name == "fallback" and value not in (None, "gather"):
+            raise ValueError(f"shardtensor.config.fallback must be None or 'gather', got {value!r}")
+        if name == "dropout" and value not in ("independent", "serial"):
+            raise ValueError(f"shardtensor.config.dropout must be 'independent' or 'serial', got {value!r}")
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"shardtensor.config(fallback={self.fallback!r}, dropout={self.dropout!r})"
+
+
+config = _Config()

@@ -1,0 +1,67 @@
+"""What every rule needs: unwrap, layout of an argument, the common process group, moving an
+argument to a layout, wrapping results. Rules import from here, never from each other."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import trace as _trace
+from ..collectives import (partial_from_replica, redistribute_local, scatter_to_region)
+from ..dispatch import ShardingError, rule, config  # noqa: F401  (re-exported for rule modules)
+from ..spec import PARTIAL, REPLICA, PartialSpec, ReplicaSpec, ShardSpec, Spec  # noqa: F401
+from ..tensor import ShardedTensor, wrap  # noqa: F401
+
+ST = ShardedTensor
+
+
+def unwrap(x):
+    return x._local if type(x) is ST else x
+
+
+def spec_of(x) -> Spec:
+    """The layout of an argument: a plain tensor or a number is a replicated value."""
+    return x._spec if type(x) is ST else REPLICA
+
+
+def group_of(func, *xs):
+    """The one ProcessGroup of the ShardedTensors among `xs` (ShardingError if they differ)."""
+    pg = None
+    for x in xs:
+        if type(x) is ST:
+            if pg is None:
+                pg = x._pg
+            elif x._pg is not pg and x._pg != pg:
+                raise ShardingError(
+                    f"{_trace.func_name(func)}: inputs live on different process groups "
+                    f"({pg!r} and {x._pg!r}); redistribute them onto one group first")
+    return pg
+
+
+def to_layout(x, spec: Spec, pg, func=None):
+    """The local tensor of argument `x` (ShardedTensor or plain tensor) in layout `spec`.
+    A plain tensor is a replicated value: it is sliced locally, never communicated."""
+    if type(x) is ST:
+        if x._spec == spec:
+            return x._local
+        return redistribute_local(x._local, x._spec, spec, x._gshape, pg, func)
+    if spec.is_replicate:
+        return x
+    if spec.is_shard:
+        return scatter_to_region(x, spec, pg, func)
+    return partial_from_replica(x, pg)
+
+
+def materialize(x, func=None):
+    """The local tensor of `x` with any pending partial sum reduced (replicated afterwards)."""
+    if type(x) is ST and x._spec.is_partial:
+        return redistribute_local(x._local, x._spec, REPLICA, x._gshape, x._pg, func)
+    return unwrap(x)
+
+
+def global_shape(x) -> torch.Size:
+    return x._gshape if type(x) is ST else x.shape
+
+
+def shard_dim(spec: Spec) -> Optional[int]:
+    return spec.dim if spec.is_shard else None

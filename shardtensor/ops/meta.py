@@ -1,0 +1,207 @@
+"""Metadata queries and autograd plumbing: answered on the wrapper or the shard, never by
+communication. `detach`/`requires_grad_` make `nn.Parameter(sharded)` work; `grad` lives on the
+shard (the autograd leaf) and is presented as a ShardedTensor with the parameter's layout."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ._util import ST, ShardingError, rule, unwrap, wrap
+
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+T = torch.Tensor
+
+def _getters_and_methods(names):
+    """Resolve names on torch.Tensor (properties give their getter); skip what this torch lacks."""
+    out = []
+    for name in names.split():
+        attr = getattr(T, name, None)
+        if attr is None:
+            continue
+        out.append(attr.__get__ if hasattr(attr, "__set__") or type(attr).__name__ in (
+            "getset_descriptor", "property") else attr)
+    return out
+
+
+_PASSTHROUGH = _getters_and_methods("""
+    shape size dim ndim ndimension numel nelement dtype device layout requires_grad
+    is_contiguous is_floating_point is_complex element_size __len__ is_cuda is_cpu is_meta
+    is_sparse is_quantized is_mkldnn get_device stride is_signed itemsize nbytes is_nested
+    is_inference is_pinned is_shared _is_view is_xpu is_mps is_xla is_ipu is_vulkan is_mtia
+    is_sparse_csr output_nr _version __dlpack_device__
+""") + [torch.is_floating_point, torch.is_complex, torch.numel]
+
+
+@rule(*dict.fromkeys(_PASSTHROUGH))
+def passthrough(func, args, kwargs):
+    """Metadata the wrapper already holds (global shape, dtype, device, ...)."""
+    with _DisableTF():
+        return func(*args, **kwargs)
+
+
+@rule(T.is_leaf.__get__, T.grad_fn.__get__, T.retains_grad.__get__, T.is_leaf.__get__)
+def on_local(func, args, kwargs):
+    """Autograd state lives on the shard."""
+    return func(args[0]._local)
+
+
+@rule(T.detach, torch.detach)
+def detach(func, args, kwargs):
+    x = args[0]
+    return wrap(x._local.detach(), x._spec, x._pg, x._gshape, x._compute_spec)
+
+
+@rule(T.detach_)
+def detach_(func, args, kwargs):
+    x = args[0]
+    x._local.detach_()
+    with _DisableTF():
+        x.requires_grad_(False)
+    return x
+
+
+@rule(T.requires_grad_)
+def requires_grad_(func, args, kwargs):
+    x = args[0]
+    flag = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
+    x._local.requires_grad_(flag)
+    with _DisableTF():
+        T.requires_grad_(x, flag)
+    return x
+
+
+@rule(T.requires_grad.__set__)
+def set_requires_grad(func, args, kwargs):
+    x, flag = args
+    x._local.requires_grad = flag
+    with _DisableTF():
+        T.requires_grad.__set__(x, flag)
+
+
+@rule(T.retain_grad)
+def retain_grad(func, args, kwargs):
+    args[0]._local.retain_grad()
+
+
+@rule(T.grad.__get__, T._grad.__get__)
+def get_grad(func, args, kwargs):
+    """The shard's gradient, presented with the tensor's layout (a partial value's gradient is
+    the replicated gradient of the sum)."""
+    x = args[0]
+    g = x._local.grad
+    if g is None:
+        return None
+    spec = x._spec
+    if spec.is_partial:
+        from ..spec import REPLICA
+        spec = REPLICA
+    return wrap(g, spec, x._pg, x._gshape)
+
+
+@rule(T.grad.__set__, T._grad.__set__)
+def set_grad(func, args, kwargs):
+    x, g = args
+    if g is None:
+        x._local.grad = None
+        return
+    if type(g) is not ST:
+        raise ShardingError(f"setting .grad of a ShardedTensor with {x._spec!r} needs a "
+                            f"ShardedTensor with the same layout, got a plain tensor; build it "
+                            f"with ShardedTensor.from_global(grad, pg, {x._spec!r})")
+    gl = g._local if g._spec == x._spec else g.redistribute(x._spec)._local
+    x._local.grad = gl
+
+
+@rule(T.data.__get__)
+def get_data(func, args, kwargs):
+    x = args[0]
+    return wrap(x._local.data, x._spec, x._pg, x._gshape, x._compute_spec)
+
+
+@rule(T.data.__set__)
+def set_data(func, args, kwargs):
+    x, new = args
+    if type(new) is not ST or new._spec != x._spec or new._gshape != x._gshape:
+        raise ShardingError(f"setting .data of a ShardedTensor with {x._spec!r} and shape "
+                            f"{tuple(x._gshape)} needs a ShardedTensor of the same layout and "
+                            f"shape")
+    x._local.data = new._local
+
+
+@rule(T.backward)
+def backward(func, args, kwargs):
+    """`loss.backward()` runs autograd on the shards: no Python dispatch in the backward pass."""
+    self = args[0]
+    gradient = args[1] if len(args) > 1 else kwargs.get("gradient")
+    rest = dict(kwargs)
+    rest.pop("gradient", None)
+    names = ("retain_graph", "create_graph", "inputs")
+    for name, v in zip(names, args[2:]):
+        rest[name] = v
+    if "inputs" in rest and rest["inputs"] is not None:
+        inp = rest["inputs"]
+        rest["inputs"] = [unwrap(i) for i in (inp if isinstance(inp, (list, tuple)) else [inp])]
+    torch.autograd.backward(unwrap(self), None if gradient is None else _grad_local(self, gradient),
+                            **rest)
+
+
+def _grad_local(out, g):
+    if type(g) is ST:
+        return g._local if g._spec == out._spec else g.redistribute(out._spec)._local
+    if type(out) is ST and out._spec.is_shard:
+        from ..spec import take_shard
+        return take_shard(g, out._spec, out._pg.tp_local_rank())
+    return g
+
+
+@rule(T.register_hook)
+def register_hook(func, args, kwargs):
+    """A hook on a ShardedTensor sees (and may replace) the gradient as a ShardedTensor."""
+    x, hook = args[0], args[1] if len(args) > 1 else kwargs["hook"]
+    spec, pg, shape = x._spec, x._pg, x._gshape
+
+    def local_hook(g):
+        out = hook(wrap(g, spec, pg, shape))
+        return None if out is None else unwrap(out)
+    return x._local.register_hook(local_hook)
+
+
+@rule(T.register_post_accumulate_grad_hook)
+def register_post_accumulate_grad_hook(func, args, kwargs):
+    x, hook = args[0], args[1] if len(args) > 1 else kwargs["hook"]
+    import weakref
+    ref = weakref.ref(x)
+
+    def local_hook(_):
+        p = ref()
+        if p is not None:
+            hook(p)
+    return x._local.register_post_accumulate_grad_hook(local_hook)
+
+
+@rule(T.__deepcopy__)
+def deepcopy(func, args, kwargs):
+    x, memo = args[0], (args[1] if len(args) > 1 else kwargs.get("memo", {}))
+    if id(x) in memo:
+        return memo[id(x)]
+    local = x._local.detach().clone()
+    local.requires_grad_(x._local.requires_grad)
+    out = wrap(local, x._spec, x._pg, x._gshape, x._compute_spec)
+    if getattr(x, "_is_param", False):
+        out._is_param = True
+    if x._local.grad is not None:
+        local.grad = x._local.grad.clone()
+    for k, v in x.__dict__.items():
+        if k not in ("_local", "_spec", "_pg", "_gshape", "_compute_spec"):
+            out.__dict__[k] = copy.deepcopy(v, memo)
+    memo[id(x)] = out
+    return out
+
+
+@rule(T.__repr__, T.__str__, T.__format__)
+def text(func, args, kwargs):
+    x = args[0]
+    if func is T.__format__ and args[1]:
+        return format(x.full().item() if x.numel() == 1 else str(x), args[1])
+    return ST.__repr__(x)

@@ -1,0 +1,227 @@
+"""ShardedTensor: this rank's shard of a global tensor, presenting the global tensor.
+
+`shape`, `size()`, `dim()` and `numel()` are the serial tensor's; storage is the local shard.
+Every torch function that meets a ShardedTensor goes through the dispatch table (`dispatch.py`);
+autograd runs on the local shards, so the backward pass needs no Python dispatch.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import trace as _trace
+from .collectives import redistribute_local
+from .dispatch import RULES, UnsupportedOpError, ShardingError, config
+from .groups import ProcessGroup
+from .spec import ComputeSpec, ReplicaSpec, ShardSpec, Spec, local_size, take_shard
+
+__all__ = ["ShardedTensor", "wrap"]
+
+_EMPTY: dict = {}
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+
+
+class ShardedTensor(torch.Tensor):
+    """This rank's shard (`to_local()`) plus its layout (`spec`), `compute_spec` and
+    ProcessGroup (`pg`); answers every metadata query with the global tensor's."""
+
+    # set by `wrap`; kept in the instance dict
+    _local: torch.Tensor
+    _spec: Spec
+    _pg: ProcessGroup
+    _compute_spec: Optional[ComputeSpec]
+
+    # --- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_global(cls, full: torch.Tensor, pg: ProcessGroup, spec: Spec,
+                    compute_spec: Optional[ComputeSpec] = None) -> "ShardedTensor":
+        """Every rank passes the same full tensor and keeps its part (no communication).
+        Differentiable; the shard may share storage with `full`."""
+        if isinstance(full, ShardedTensor):
+            raise TypeError("ShardedTensor.from_global: `full` is already a ShardedTensor; use "
+                            ".redistribute(spec)")
+        spec = _check_spec(spec, full.shape, pg, "from_global")
+        # `full` is a replicated value: its gradient is gathered back to every rank
+        local = redistribute_local(full, _REPLICA, spec, full.shape, pg, "from_global")
+        return wrap(local, spec, pg, full.shape, compute_spec)
+
+    @classmethod
+    def from_local(cls, local: torch.Tensor, pg: ProcessGroup, spec: Spec,
+                   shape: Optional[Sequence[int]] = None,
+                   compute_spec: Optional[ComputeSpec] = None) -> "ShardedTensor":
+        """Wrap this rank's shard. The global shape is `shape` if given; otherwise, for a
+        ShardSpec, the shard sizes are all-gathered (one small collective) and checked against
+        the tensor_split layout."""
+        if isinstance(local, ShardedTensor):
+            raise TypeError("ShardedTensor.from_local: `local` is already a ShardedTensor")
+        if shape is not None:
+            shape = torch.Size(shape)
+            spec = _check_spec(spec, shape, pg, "from_local")
+            expect = _local_shape(shape, spec, pg.tp_local_rank())
+            if tuple(local.shape) != expect:
+                raise ShardingError(f"ShardedTensor.from_local: local shape {tuple(local.shape)} "
+                                    f"is not rank {pg.tp_local_rank()}'s part {expect} of global "
+                                    f"shape {tuple(shape)} under {spec!r}")
+            return wrap(local, spec, pg, shape, compute_spec)
+        spec = _check_spec(spec, local.shape, pg, "from_local")
+        if not spec.is_shard:
+            return wrap(local, spec, pg, local.shape, compute_spec)
+        sizes = _gather_sizes(local.shape[spec.dim], pg)
+        n = sum(sizes)
+        expect = [local_size(n, spec.degree, spec.stride, r) for r in range(spec.degree)]
+        if n % spec.stride or sizes != expect:
+            raise ShardingError(f"ShardedTensor.from_local: shard sizes {sizes} along dim "
+                                f"{spec.dim} are not a tensor_split layout of {n} under {spec!r}"
+                                f" (expected {expect})")
+        shape = list(local.shape)
+        shape[spec.dim] = n
+        return wrap(local, spec, pg, torch.Size(shape), compute_spec)
+
+    # --- the contract's accessors ------------------------------------------------------------
+    @property
+    def spec(self) -> Spec:
+        return self._spec
+
+    @property
+    def compute_spec(self) -> Optional[ComputeSpec]:
+        return self._compute_spec
+
+    @property
+    def pg(self) -> ProcessGroup:
+        return self._pg
+
+    def to_local(self) -> torch.Tensor:
+        """This rank's shard, a plain tensor (no copy; autograd flows through it)."""
+        return self._local
+
+    def full(self) -> torch.Tensor:
+        """The global value as a plain tensor on every rank (collective, differentiable)."""
+        return redistribute_local(self._local, self._spec, _REPLICA, self._gshape, self._pg,
+                                  "ShardedTensor.full")
+
+    def redistribute(self, spec: Spec) -> "ShardedTensor":
+        """The same global value laid out by `spec` (collective where needed, differentiable)."""
+        spec = _check_spec(spec, self._gshape, self._pg, "redistribute")
+        local = redistribute_local(self._local, self._spec, spec, self._gshape, self._pg,
+                                   "ShardedTensor.redistribute")
+        return wrap(local, spec, self._pg, self._gshape, self._compute_spec)
+
+    # --- Python protocol (kept off the dispatch path) ---------------------------------------
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return (f"ShardedTensor(shape={tuple(self._gshape)}, spec={self._spec!r}, "
+                f"rank={self._pg.tp_local_rank()}/{self._pg.tp_world_size()}, "
+                f"local={self._local!r})")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a ShardedTensor cannot be pickled on its own (its layout is tied to a "
+                        "process group); save with shardtensor.save(model_or_state_dict, path) or "
+                        "pickle t.full() / t.to_local()")
+
+    # --- dispatch ----------------------------------------------------------------------------
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        r = RULES.get(func)
+        if r is not None:
+            _trace.current_op[0] = func
+            return r(func, args, kwargs or _EMPTY)
+        return _no_rule(func, args, kwargs or _EMPTY)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"shardtensor: the aten op {func} reached ShardedTensor's "
+                           f"__torch_dispatch__; some torch function bypassed the sharding "
+                           f"rules. Please report this with the code that ran.")
+
+
+_REPLICA = ReplicaSpec()
+
+
+def wrap(local: torch.Tensor, spec: Spec, pg: ProcessGroup, shape,
+         compute_spec: Optional[ComputeSpec] = None) -> ShardedTensor:
+    """A ShardedTensor over `local` with global `shape` (no checks: rules call this)."""
+    t = torch.Tensor._make_wrapper_subclass(ShardedTensor, shape, dtype=local.dtype,
+                                            device=local.device,
+                                            requires_grad=local.requires_grad)
+    t._local = local
+    t._spec = spec
+    t._pg = pg
+    t._gshape = torch.Size(shape)
+    t._compute_spec = compute_spec
+    return t
+
+
+def _local_shape(shape, spec, rank):
+    if not spec.is_shard:
+        return tuple(shape)
+    s = list(shape)
+    s[spec.dim] = local_size(shape[spec.dim], spec.degree, spec.stride, rank)
+    return tuple(s)
+
+
+def _check_spec(spec, shape, pg, where: str):
+    if not isinstance(pg, ProcessGroup):
+        raise TypeError(f"ShardedTensor.{where}: pg must be a shardtensor.ProcessGroup, got "
+                        f"{type(pg).__name__}")
+    if not hasattr(spec, "is_shard"):
+        raise TypeError(f"ShardedTensor.{where}: spec must be ShardSpec, ReplicaSpec or "
+                        f"PartialSpec, got {spec!r}")
+    spec = spec.normalize(shape)
+    if spec.is_shard and spec.degree != pg.tp_world_size():
+        raise ShardingError(f"ShardedTensor.{where}: {spec!r} has degree {spec.degree} but the "
+                            f"process group's tensor-parallel size is {pg.tp_world_size()}")
+    return spec
+
+
+def _gather_sizes(n: int, pg: ProcessGroup):
+    d = pg.tp_world_size()
+    if d == 1:
+        return [n]
+    t = torch.tensor([n], dtype=torch.int64)
+    if dist.get_backend(pg.tp_process_group()) == "nccl":
+        t = t.cuda()
+    out = [torch.empty_like(t) for _ in range(d)]
+    dist.all_gather(out, t, group=pg.tp_process_group())
+    return [int(x) for x in out]
+
+
+def _specs_of(args, kwargs):
+    out = []
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, ShardedTensor):
+            out.append(a._spec)
+        elif isinstance(a, (list, tuple)) and any(isinstance(x, ShardedTensor) for x in a):
+            out.append(type(a)(x._spec if isinstance(x, ShardedTensor) else type(x).__name__ for x in a))
+    return tuple(out)
+
+
+_WARNED = set()
+_INPLACE_HINT = ("out",)
+
+
+def _no_rule(func, args, kwargs):
+    name = _trace.func_name(func)
+    specs = _specs_of(args, kwargs)
+    if config.fallback != "gather":
+        raise UnsupportedOpError(
+            f"{name} has no sharding rule for inputs {specs}; set shardtensor.config.fallback = "
+            f"'gather' to run it serially, or register a rule (see tutorials/06_custom_rule.ipynb)")
+    fname = getattr(func, "__name__", "")
+    if "out" in kwargs or (fname.endswith("_") and not fname.endswith("__")):
+        raise UnsupportedOpError(f"{name} writes into its input and has no sharding rule for "
+                                 f"inputs {specs}; the gather fallback cannot write back into a "
+                                 f"shard. Register a rule (see tutorials/06_custom_rule.ipynb)")
+    if func not in _WARNED:
+        _WARNED.add(func)
+        warnings.warn(f"shardtensor: {name} has no sharding rule; gathering its inputs {specs} "
+                      f"and running it serially (config.fallback = 'gather')", stacklevel=3)
+    from torch.utils._pytree import tree_map
+    _trace.current_op[0] = func
+    unwrap = lambda x: x.full() if isinstance(x, ShardedTensor) else x
+    with _DisableTF():
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))

@@ -1,0 +1,175 @@
+"""ShardedTensor: global view, from_global/full, redistribute between every pair of layouts,
+errors. Runs on persistent gloo pools of 1, 2 and 4 ranks."""
+import pytest
+import torch
+from hypothesis import given, strategies as hs
+
+import shardtensor as st
+from shardtensor.testing import RemoteError, run
+from strategies import WORLDS, shapes, specs
+
+
+def _roundtrip(rank, shape, spec, seed):
+    pg = st.ProcessGroup()
+    torch.manual_seed(seed)
+    full = torch.randn(shape)
+    t = st.ShardedTensor.from_global(full, pg, spec)
+    assert t.shape == full.shape and t.size() == full.size() and t.dim() == full.dim()
+    assert t.numel() == full.numel() and len(t) == len(full) and t.dtype == full.dtype
+    assert t.size(-1) == full.size(-1) and t.ndim == full.ndim
+    assert isinstance(t, torch.Tensor) and isinstance(t, st.ShardedTensor)
+    assert torch.equal(t.full(), full)
+    # from_local of the same shard presents the same global tensor
+    t2 = st.ShardedTensor.from_local(t.to_local(), pg, spec)
+    assert t2.shape == full.shape and torch.equal(t2.full(), full)
+    return tuple(t.to_local().shape)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@given(data=hs.data())
+def test_from_global_full_exact(world, data):
+    shape = data.draw(shapes())
+    spec = data.draw(specs(shape, world))
+    local_shapes = run(world, _roundtrip, shape, spec, data.draw(hs.integers(0, 2**16)))
+    if spec.is_shard:
+        n = spec.normalize(shape)
+        assert sum(s[n.dim] for s in local_shapes) == shape[n.dim]
+
+
+def _redistribute(rank, shape, src, dst, seed):
+    pg = st.ProcessGroup()
+    torch.manual_seed(seed)
+    full = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(shape, dtype=torch.float64)
+    t = st.ShardedTensor.from_global(full, pg, src)
+    with st.CommTrace() as trace:
+        r = t.redistribute(dst)
+    assert r.spec == dst.normalize(shape) and r.shape == full.shape
+    if src.normalize(shape) == dst.normalize(shape):
+        assert trace.events == []
+    out = r.full()
+    assert torch.equal(out, full.detach()), (src, dst)
+    (weight * out ** 2).sum().backward()
+    torch.testing.assert_close(full.grad, 2 * weight * full.detach(), rtol=1e-12, atol=1e-12)
+    return [e.kind for e in trace.events]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@given(data=hs.data())
+def test_redistribute_every_pair_forward_and_backward(world, data):
+    shape = data.draw(shapes(max_dims=3))
+    src = data.draw(specs(shape, world))
+    dst = data.draw(specs(shape, world))
+    kinds = run(world, _redistribute, shape, src, dst, data.draw(hs.integers(0, 2**16)))[0]
+    if world > 1:
+        s, d = src.normalize(shape), dst.normalize(shape)
+        if s == d or (s.is_replicate and not d.is_replicate) or (s.is_shard and d.is_partial):
+            assert kinds == []                      # local moves never communicate
+        elif s.is_partial and d.is_replicate:
+            assert kinds == ["all_reduce"]
+        elif s.is_partial and d.is_shard:
+            assert kinds == ["reduce_scatter"]
+        elif s.is_shard and d.is_replicate:
+            assert kinds == ["all_gather"]
+        elif s.is_shard and d.is_shard and s.dim != d.dim:
+            assert kinds == ["all_to_all"]
+
+
+def _explicit_pairs(rank):
+    """Every ordered pair of the five layouts on an uneven, strided shape."""
+    pg = st.ProcessGroup()
+    n = pg.tp_world_size()
+    layouts = [st.ShardSpec(0, n), st.ShardSpec(1, n), st.ShardSpec(1, n, stride=3),
+               st.ReplicaSpec(), st.PartialSpec()]
+    for src in layouts:
+        for dst in layouts:
+            _redistribute(rank, (5, 9), src, dst, 0)
+    return True
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_all_25_layout_pairs(world):
+    assert all(run(world, _explicit_pairs))
+
+
+def _errors(rank):
+    pg = st.ProcessGroup()
+    n = pg.tp_world_size()
+    x = torch.randn(4, 6)
+    out = {}
+    try:
+        st.ShardedTensor.from_global(x, pg, st.ShardSpec(0, n + 1))
+    except st.ShardingError as e:
+        out["degree"] = str(e)
+    try:
+        st.ShardedTensor.from_global(x, pg, st.ShardSpec(2, n))
+    except ValueError as e:
+        out["dim"] = str(e)
+    t = st.ShardedTensor.from_global(x, pg, st.ShardSpec(1, n))
+    try:
+        torch.fft.fft(t)
+    except st.UnsupportedOpError as e:
+        out["unsupported"] = str(e)
+    # a second group over other ranks: tp=1 (each rank its own tensor-parallel group)
+    other = st.ProcessGroup(tp_degree=1)
+    u = st.ShardedTensor.from_global(x, other, st.ReplicaSpec())
+    try:
+        t + u
+    except st.ShardingError as e:
+        out["groups"] = str(e)
+    return out
+
+
+def test_bad_input_errors_name_the_problem():
+    out = run(2, _errors)[0]
+    assert "degree 3" in out["degree"] and "tensor-parallel size is 2" in out["degree"]
+    assert "dim 2" in out["dim"] and "(4, 6)" in out["dim"]
+    assert "fft" in out["unsupported"] and "ShardSpec(dim=1, degree=2)" in out["unsupported"]
+    assert "fallback" in out["unsupported"]
+    assert "different process groups" in out["groups"]
+
+
+def _fallback(rank):
+    pg = st.ProcessGroup()
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    t = st.ShardedTensor.from_global(x, pg, st.ShardSpec(1, pg.tp_world_size()))
+    import warnings
+    st.config.fallback = "gather"
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            y = torch.fft.fft(t)
+            torch.fft.fft(t)
+        nwarn = sum("no sharding rule" in str(m.message) for m in w)
+        try:
+            torch.Tensor.exponential_(t)
+            inplace = None
+        except st.UnsupportedOpError as e:
+            inplace = str(e)
+    finally:
+        st.config.fallback = None
+    assert torch.allclose(y, torch.fft.fft(x))
+    return nwarn, inplace
+
+
+def test_gather_fallback_warns_once_and_refuses_inplace():
+    nwarn, inplace = run(2, _fallback)[0]
+    assert nwarn == 1
+    assert inplace is not None and "writes into its input" in inplace
+    with pytest.raises(ValueError, match="fallback"):
+        st.config.fallback = "always"
+
+
+def test_remote_errors_carry_the_traceback():
+    with pytest.raises(RemoteError, match="ZeroDivisionError"):
+        run(2, _divide_by_zero)
+    assert run(2, _ok) == [0, 1]  # the pool survives a failing task
+
+
+def _divide_by_zero(rank):
+    return 1 / 0
+
+
+def _ok(rank):
+    return rank
