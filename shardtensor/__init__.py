@@ -5,8 +5,10 @@ from .trace import CommEvent, CommTrace
 from .dispatch import ShardingError, UnsupportedOpError, config, rule
 from .tensor import ShardedTensor
 from . import ops  # registers the rules
-from .annotate import replicate, shard_param, split_col, split_row
+from .annotate import parallelize, replicate, shard_param, split_col, split_row
+from .plans import register_plan
 from .launch import launch
+from .explain import explain
 
 __version__ = "0.1.0"
 
@@ -14,5 +16,5 @@ __all__ = [
     "ShardSpec", "ReplicaSpec", "PartialSpec", "ComputePattern", "ComputeSpec",
     "ProcessGroup", "Topology", "init_distributed",
     "ShardedTensor", "CommTrace", "CommEvent", "UnsupportedOpError", "ShardingError", "config",
-    "rule", "split_row", "split_col", "replicate", "shard_param", "launch",
+    "rule", "parallelize", "register_plan", "split_row", "split_col", "replicate", "shard_param", "launch", "explain",
 ]

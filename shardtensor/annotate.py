@@ -70,3 +70,46 @@ def split_col(param: torch.Tensor, pg: ProcessGroup, stride: int = 1,
 def replicate(param: torch.Tensor, pg: ProcessGroup) -> torch.Tensor:
     """Mark `param` as replicated on every rank of the group (in place)."""
     return shard_param(param, pg, ReplicaSpec())
+
+
+def _layout(action, pg: ProcessGroup, name: str) -> Spec:
+    n = pg.tp_world_size()
+    if isinstance(action, (ShardSpec, ReplicaSpec)):
+        return action
+    opts = {}
+    if isinstance(action, tuple):
+        action, opts = action
+    if action == "row":
+        return ShardSpec(0, n, **opts)
+    if action == "col":
+        return ShardSpec(-1, n, **opts)
+    if action == "replicate":
+        return ReplicaSpec()
+    raise ValueError(f"parallelize: bad plan entry {action!r} for {name!r}; use 'row', 'col', "
+                     f"('col', {{'stride': 3}}), 'replicate' or a ShardSpec/ReplicaSpec")
+
+
+def parallelize(model: nn.Module, pg: ProcessGroup, plan: Optional[dict] = None) -> nn.Module:
+    """Shard `model`'s parameters in place by `plan` ({glob over parameter names: layout}; the
+    first matching glob wins, unmatched parameters are replicated), or by the built-in plan for
+    the model's architecture when `plan` is None. Returns the model; its code is unchanged.
+    Tied parameters (one Parameter under two names) are converted once and stay tied."""
+    import fnmatch
+    from .plans import get_plan
+    if plan is None:
+        plan = get_plan(model, pg.tp_world_size())
+    # decide every layout (and check it) before converting anything: bad input changes nothing
+    todo = []
+    for name, p in model.named_parameters():
+        if isinstance(p, ShardedTensor):
+            continue
+        action = next((a for glob, a in plan.items() if fnmatch.fnmatchcase(name, glob)), "replicate")
+        spec = _layout(action, pg, name)
+        try:
+            spec = _check_spec(spec, p.shape, pg, "parallelize")
+        except ValueError as e:
+            raise ValueError(f"parallelize: parameter {name!r} of shape {tuple(p.shape)}: {e}") from e
+        todo.append((p, spec))
+    for p, spec in todo:
+        shard_param(p, pg, spec)
+    return model

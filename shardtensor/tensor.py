@@ -129,6 +129,8 @@ class ShardedTensor(torch.Tensor):
         r = RULES.get(func)
         if r is not None:
             _trace.current_op[0] = func
+            if _trace.EXPLAIN:
+                return _trace.EXPLAIN[-1].call(r, func, args, kwargs or _EMPTY)
             return r(func, args, kwargs or _EMPTY)
         return _no_rule(func, args, kwargs or _EMPTY)
 

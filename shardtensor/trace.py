@@ -10,6 +10,8 @@ import torch
 __all__ = ["CommTrace", "CommEvent", "func_name"]
 
 _ACTIVE: List["CommTrace"] = []
+# An active `explain` recorder, if any (checked once per dispatched op).
+EXPLAIN: List[object] = []
 # The function whose rule is running; set by the dispatcher, read when a collective is recorded.
 current_op: List[object] = [None]
 

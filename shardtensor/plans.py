@@ -1,0 +1,121 @@
+"""Parallelization plans: which parameter is split how, by glob over parameter names.
+
+A plan maps globs (fnmatch, over `model.named_parameters()` names) to a layout:
+"row" (shard dim 0), "col" (shard dim -1), ("col", {"stride": 3}), "replicate", or a ShardSpec /
+ReplicaSpec. The first matching glob wins; parameters no glob matches are replicated.
+
+Which is which: an `nn.Linear` weight is (out, in), so Megatron's ColumnParallelLinear is "row"
+(and its bias "row") and RowParallelLinear is "col" (its bias "replicate"); GPT-2's `Conv1D`
+weight is (in, out), so there it is the other way round. An embedding table sharded over the
+vocabulary is "row".
+
+Built-in plans are functions `(config, tp_degree) -> plan`, chosen by `config.model_type`;
+`register_plan(model_type, plan_or_function)` adds one for your architecture. Plans name
+layouts, never collectives: the rules infer the communication.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Union
+
+__all__ = ["register_plan", "get_plan", "PLANS"]
+
+Plan = Dict[str, object]
+PLANS: Dict[str, Union[Plan, Callable[[object, int], Plan]]] = {}
+
+
+def register_plan(model_type: str, plan: Union[Plan, Callable[[object, int], Plan]]) -> None:
+    """Make `plan` the built-in plan for models whose `config.model_type` (or, without a config,
+    class name) is `model_type`. `plan` is a dict or a function (config, tp_degree) -> dict."""
+    PLANS[model_type] = plan
+
+
+def get_plan(model, tp_degree: int) -> Plan:
+    config = getattr(model, "config", None)
+    key = getattr(config, "model_type", None) or type(model).__name__
+    plan = PLANS.get(key) or PLANS.get(type(model).__name__)
+    if plan is None:
+        raise KeyError(f"no built-in tensor-parallel plan for {key!r} (known: {sorted(PLANS)}); "
+                       f"pass plan={{glob: 'row' | 'col' | 'replicate' | ShardSpec}} or "
+                       f"shardtensor.register_plan({key!r}, plan)")
+    return plan(config, tp_degree) if callable(plan) else plan
+
+
+def _heads_fit(n_heads: int, tp: int) -> bool:
+    return n_heads % tp == 0
+
+
+def gpt2_plan(config, tp: int) -> Plan:
+    return {
+        "*wte.weight": "row",                          # vocab-parallel embedding, tied LM head
+        "*attn.c_attn.weight": ("col", {"stride": 3}),  # Conv1D (in, 3h): fused q|k|v
+        "*attn.c_attn.bias": ("row", {"stride": 3}),
+        "*attn.c_proj.weight": "row",                   # Conv1D (h, h): row parallel
+        "*mlp.c_fc.weight": "col",
+        "*mlp.c_fc.bias": "row",
+        "*mlp.c_proj.weight": "row",
+        "*": "replicate",                               # norms, position table, row biases
+    }
+
+
+def opt_plan(config, tp: int) -> Plan:
+    return {
+        "*embed_tokens.weight": "row",
+        "*self_attn.[qkv]_proj.weight": "row",
+        "*self_attn.[qkv]_proj.bias": "row",
+        "*self_attn.out_proj.weight": "col",
+        "*fc1.weight": "row",
+        "*fc1.bias": "row",
+        "*fc2.weight": "col",
+        "*": "replicate",
+    }
+
+
+def bert_plan(config, tp: int) -> Plan:
+    return {
+        "*word_embeddings.weight": "row",               # tied with the MLM decoder
+        "*attention.self.*.weight": "row",
+        "*attention.self.*.bias": "row",
+        "*attention.output.dense.weight": "col",
+        "*intermediate.dense.weight": "row",
+        "*intermediate.dense.bias": "row",
+        "*layer.*.output.dense.weight": "col",
+        "cls.predictions.bias": "row",                  # the decoder's bias, over the vocabulary
+        "*": "replicate",
+    }
+
+
+def t5_plan(config, tp: int) -> Plan:
+    return {
+        "shared.weight": "row",
+        "lm_head.weight": "row",
+        "*Attention.[qkv].weight": "row",               # self- and cross-attention
+        "*Attention.o.weight": "col",
+        "*relative_attention_bias.weight": "col",       # (buckets, heads): heads sharded
+        "*DenseReluDense.wi*.weight": "row",            # wi, or gated wi_0 / wi_1
+        "*DenseReluDense.wo.weight": "col",
+        "*": "replicate",
+    }
+
+
+def llama_plan(config, tp: int) -> Plan:
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    # kv heads split only when each rank gets whole kv heads; otherwise every rank keeps all kv
+    # heads (replicated k/v projections) and slices what its q heads need.
+    kv = "row" if _heads_fit(kv_heads, tp) else "replicate"
+    return {
+        "*embed_tokens.weight": "row",
+        "lm_head.weight": "row",
+        "*self_attn.q_proj.*": "row",
+        "*self_attn.[kv]_proj.*": kv,
+        "*self_attn.o_proj.weight": "col",
+        "*mlp.gate_proj.weight": "row",
+        "*mlp.up_proj.weight": "row",
+        "*mlp.down_proj.weight": "col",
+        "*": "replicate",
+    }
+
+
+for _name, _plan in (("gpt2", gpt2_plan), ("opt", opt_plan), ("bert", bert_plan),
+                     ("t5", t5_plan), ("llama", llama_plan), ("mistral", llama_plan),
+                     ("qwen2", llama_plan)):
+    register_plan(_name, _plan)
