@@ -31,12 +31,17 @@ def _record(kind: str, t: torch.Tensor, pg, op, phase: str) -> None:
 
 # --- raw collectives (no autograd) -------------------------------------------------------------
 
-def all_reduce_(x: torch.Tensor, pg, op=None, phase: str = "forward") -> torch.Tensor:
-    """Sum `x` in place over the tensor-parallel group."""
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce_(x: torch.Tensor, pg, op=None, phase: str = "forward",
+                reduce_op: str = "sum") -> torch.Tensor:
+    """Reduce `x` in place over the tensor-parallel group: "sum" (default), "max" or "min"
+    (max/min have no autograd conjugate: use them on detached values, e.g. a softmax shift)."""
     if pg.tp_world_size() == 1:
         return x
     _record("all_reduce", x, pg, op, phase)
-    dist.all_reduce(x, group=pg.tp_process_group())
+    dist.all_reduce(x, op=_REDUCE_OPS[reduce_op], group=pg.tp_process_group())
     return x
 
 

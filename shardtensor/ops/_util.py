@@ -65,3 +65,23 @@ def global_shape(x) -> torch.Size:
 
 def shard_dim(spec: Spec) -> Optional[int]:
     return spec.dim if spec.is_shard else None
+
+
+def local_index(ids: torch.Tensor, n: int, spec: ShardSpec, rank: int):
+    """Global indices `ids` into a dim of size n laid out by `spec` (dim 0 of a table, the class
+    dim of logits) -> (local indices, mask of the ids this rank holds). Local indices outside the
+    mask are meaningless; callers fill them. Pure local arithmetic (used by embedding and loss)."""
+    from ..spec import shard_ranges
+    ranges = shard_ranges(n, spec.degree, spec.stride, rank)
+    if len(ranges) == 1:
+        start, length = ranges[0]
+        return ids - start, (ids >= start) & (ids < start + length)
+    lid = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    off = 0
+    for start, length in ranges:
+        m = (ids >= start) & (ids < start + length)
+        lid = torch.where(m, ids - (start - off), lid)
+        mask |= m
+        off += length
+    return lid, mask
