@@ -9,6 +9,7 @@ from .annotate import parallelize, replicate, shard_param, split_col, split_row
 from .plans import register_plan
 from .launch import launch
 from .explain import explain
+from .data_parallel import data_parallel
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,5 @@ __all__ = [
     "ShardSpec", "ReplicaSpec", "PartialSpec", "ComputePattern", "ComputeSpec",
     "ProcessGroup", "Topology", "init_distributed",
     "ShardedTensor", "CommTrace", "CommEvent", "UnsupportedOpError", "ShardingError", "config",
-    "rule", "parallelize", "register_plan", "split_row", "split_col", "replicate", "shard_param", "launch", "explain",
+    "rule", "parallelize", "register_plan", "split_row", "split_col", "replicate", "shard_param", "launch", "explain", "data_parallel",
 ]

@@ -1,0 +1,347 @@
+"""Linear algebra: F.linear, mm/addmm (GPT-2's Conv1D), bmm/baddbmm, matmul/@, mv, dot, einsum.
+
+Every op is one two-operand contraction written with labels (`ik,kj->ij`). The layout decision is
+pure and cached (`_plan`): split the work along one label L, or keep a pending partial sum.
+- L kept in the output (a free or batch dim): operands holding L are sharded on it, the others
+  replicated; the output is sharded on L. Column-parallel linear is L = out features.
+- L contracted: both operands sharded on L, the output is a PartialSpec (row-parallel linear).
+- A partial operand times a replicated one stays partial (the product is linear in it).
+The plan that moves the fewest bytes (forward and backward) wins; ties keep the layouts as they
+are. A replicated operand used whole by split work gets Megatron's f (`copy_to_region`:
+identity forward, all-reduce of its gradient backward). A bias is added to a sharded output
+shard-wise; a partial output is reduced first and the bias added once (replicated output).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import trace as _trace
+from ..collectives import copy_to_region, gather_from_region, reduce_from_region
+from ..dispatch import UnsupportedOpError
+from ._util import (PARTIAL, REPLICA, ShardSpec, ST, group_of, rule, spec_of, to_layout,
+                    unwrap, wrap)
+
+T = torch.Tensor
+Labels = Tuple[Optional[str], ...]
+
+
+# --- the pure part: which layout to compute in ------------------------------------------------
+
+def _move_cost(src, dst, n: int, d: int, grad: bool) -> float:
+    """Elements communicated to move a value of n elements from `src` to `dst` (forward, plus
+    backward when it needs a gradient)."""
+    if src == dst:
+        return 0
+    if src.is_replicate:
+        return n if (dst.is_shard and grad) else 0          # slice; backward gathers
+    if src.is_shard:
+        if dst.is_partial:
+            return 0
+        if dst.is_replicate:
+            return n                                        # gather; backward slices
+        if dst.dim == src.dim:
+            return n + (n if grad else 0)                   # restride through the full value
+        return n / d * (2 if grad else 1)                   # all-to-all both ways
+    return 2 * n if dst.is_replicate else n + (n if grad else 0)   # partial: all-reduce / r-s
+
+
+@lru_cache(maxsize=4096)
+def _plan(la: Labels, lb: Labels, lo: Labels, sa, sb, sizes: Tuple[Tuple[str, int], ...],
+          na: int, nb: int, rga: bool, rgb: bool, d: int):
+    """-> (layout of a, layout of b, copy a?, copy b?, output layout) for `la,lb->lo`."""
+    size = dict(sizes)
+    cands = [(REPLICA, REPLICA, REPLICA)]
+    for L in dict.fromkeys(x for x in la + lb if x is not None):
+        strides = {s.stride for s, ls in ((sa, la), (sb, lb)) if s.is_shard and ls[s.dim] == L}
+        for stride in sorted(strides or {1}):
+            if size[L] % stride:
+                continue
+            ta = ShardSpec(la.index(L), d, stride) if L in la else REPLICA
+            tb = ShardSpec(lb.index(L), d, stride) if L in lb else REPLICA
+            to = ShardSpec(lo.index(L), d, stride) if L in lo else PARTIAL
+            cands.append((ta, tb, to))
+    if sa.is_partial:
+        cands.append((PARTIAL, REPLICA, PARTIAL))
+    if sb.is_partial:
+        cands.append((REPLICA, PARTIAL, PARTIAL))
+    best, best_cost = None, None
+    for ta, tb, to in cands:
+        split = not to.is_replicate
+        ca, cb = split and ta.is_replicate and rga, split and tb.is_replicate and rgb
+        cost = (_move_cost(sa, ta, na, d, rga) + _move_cost(sb, tb, nb, d, rgb)
+                + 2 * na * ca + 2 * nb * cb)
+        # ties: prefer the plan that keeps both operands where they are
+        key = (cost, (sa != ta) + (sb != tb))
+        if best_cost is None or key < best_cost:
+            best, best_cost = (ta, tb, ca, cb, to), key
+    return best
+
+
+def _bias_layout(to, bshape: Sequence[int], oshape: Sequence[int], d: int):
+    """Layout of a bias broadcast onto an output laid out by `to` -> (spec, needs f?)."""
+    if not to.is_shard:
+        return REPLICA, False
+    j = to.dim - (len(oshape) - len(bshape))
+    if j >= 0 and bshape[j] == oshape[to.dim]:
+        return ShardSpec(j, d, to.stride), False
+    return REPLICA, True          # a broadcast bias: every shard uses all of it
+
+
+# --- the doing part ---------------------------------------------------------------------------
+
+def _contract(func, a, b, la: Labels, lb: Labels, lo: Labels, oshape, local_fn, bias=None,
+              add_bias=None):
+    """Run `local_fn(a_local, b_local, bias_local_or_None)` in the cheapest layout and wrap it.
+    `add_bias(out, bias)` adds a bias after a partial output has been reduced."""
+    pg = group_of(func, a, b, bias)
+    d = pg.tp_world_size()
+    ga, gb = _gshape(a), _gshape(b)
+    sizes = {}
+    for ls, shape in ((la, ga), (lb, gb)):
+        for lab, n in zip(ls, shape):
+            if lab is not None:
+                sizes[lab] = n
+    sa, sb = spec_of(a), spec_of(b)
+    rga, rgb = _rg(a), _rg(b)
+    ta, tb, ca, cb, to = _plan(la, lb, lo, sa, sb, tuple(sorted(sizes.items())),
+                               ga.numel(), gb.numel(), rga, rgb, d)
+    al, bl = to_layout(a, ta, pg, func), to_layout(b, tb, pg, func)
+    if ca:
+        al = copy_to_region(al, pg, func)
+    if cb:
+        bl = copy_to_region(bl, pg, func)
+    if bias is not None and not to.is_partial:
+        bspec, bcopy = _bias_layout(to, _gshape(bias), oshape, d)
+        biasl = to_layout(bias, bspec, pg, func)
+        if bcopy and _rg(bias):
+            biasl = copy_to_region(biasl, pg, func)
+        out = local_fn(al, bl, biasl)
+    else:
+        out = local_fn(al, bl, None)
+    if to.is_partial and (bias is not None or _out_replicate(a, b)):
+        out = reduce_from_region(out, pg, func)   # the bias must be added once, after the sum
+        to = REPLICA
+        if bias is not None:
+            out = add_bias(out, to_layout(bias, REPLICA, pg, func))
+    elif to.is_shard and _out_replicate(a, b):
+        out = gather_from_region(out, to, oshape[to.dim], pg, func)
+        to = REPLICA
+    return wrap(out, to, pg, oshape)
+
+
+def _gshape(x) -> torch.Size:
+    return x._gshape if type(x) is ST else torch.Size(x.shape)
+
+
+def _rg(x) -> bool:
+    return bool(unwrap(x).requires_grad)
+
+
+def _out_replicate(a, b) -> bool:
+    for x in (a, b):
+        if type(x) is ST and x._compute_spec is not None and x._compute_spec.output_replicate:
+            return True
+    return False
+
+
+def _no_out(func, kwargs):
+    if kwargs.get("out") is not None:
+        raise UnsupportedOpError(f"{_trace.func_name(func)}: out= is not supported with "
+                                 f"ShardedTensor inputs; assign the result instead")
+
+
+def _arg(args, kwargs, i, name, default=None):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _batch_labels(n: int, prefix: str = "b") -> Labels:
+    return tuple(f"{prefix}{i}" for i in range(n))
+
+
+# --- F.linear ---------------------------------------------------------------------------------
+
+@rule(F.linear)
+def linear(func, args, kwargs):
+    """y = x W^T + b. W sharded on dim 0 (out features): column parallel, output sharded on its
+    last dim, no forward communication. W sharded on dim 1 with x sharded on its last dim: row
+    parallel, output partial (reduced, then the bias added once, when there is a bias)."""
+    x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
+    bias = _arg(args, kwargs, 2, "bias")
+    gx, gw = _gshape(x), _gshape(w)
+    lx = _batch_labels(len(gx) - 1) + ("k",)
+    lw = ("n", "k") if len(gw) == 2 else ("k",)
+    lo = lx[:-1] + lw[:-1]
+    oshape = torch.Size(tuple(gx[:-1]) + tuple(gw[:-1]))
+    return _contract(func, x, w, lx, lw, lo, oshape, lambda a, b, c: F.linear(a, b, c),
+                     bias, lambda out, c: out + c)
+
+
+# --- mm, addmm, bmm, baddbmm, mv, dot -----------------------------------------------------------
+
+_MM = (("i", "k"), ("k", "j"), ("i", "j"))
+_BMM = (("b", "i", "k"), ("b", "k", "j"), ("b", "i", "j"))
+
+
+@rule(torch.mm, T.mm)
+def mm(func, args, kwargs):
+    _no_out(func, kwargs)
+    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat2")
+    oshape = torch.Size((_gshape(a)[0], _gshape(b)[1]))
+    return _contract(func, a, b, *_MM, oshape, lambda x, y, _: torch.mm(x, y))
+
+
+@rule(torch.bmm, T.bmm)
+def bmm(func, args, kwargs):
+    _no_out(func, kwargs)
+    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat2")
+    ga, gb = _gshape(a), _gshape(b)
+    return _contract(func, a, b, *_BMM, torch.Size((ga[0], ga[1], gb[2])),
+                     lambda x, y, _: torch.bmm(x, y))
+
+
+def _addmm_like(func, args, kwargs, labels, mm_fn, add_fn):
+    _no_out(func, kwargs)
+    c = _arg(args, kwargs, 0, "input")
+    a, b = _arg(args, kwargs, 1, "mat1"), _arg(args, kwargs, 2, "mat2")
+    if a is None:
+        a, b = kwargs.get("batch1"), kwargs.get("batch2")
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    ga, gb = _gshape(a), _gshape(b)
+    oshape = torch.Size(tuple(ga[:-1]) + (gb[-1],))
+
+    def local(x, y, cl):
+        if cl is None:
+            out = mm_fn(x, y)
+            return out if alpha == 1 else out * alpha
+        return add_fn(cl, x, y, beta=beta, alpha=alpha)
+
+    def add_bias(out, cl):
+        if beta == 0:
+            return out
+        return out + (cl if beta == 1 else cl * beta)
+    return _contract(func, a, b, *labels, oshape, local, c, add_bias)
+
+
+@rule(torch.addmm, T.addmm)
+def addmm(func, args, kwargs):
+    """beta * input + alpha * (mat1 @ mat2); GPT-2's Conv1D with its weight (in, out)."""
+    return _addmm_like(func, args, kwargs, _MM, torch.mm, torch.addmm)
+
+
+@rule(torch.baddbmm, T.baddbmm)
+def baddbmm(func, args, kwargs):
+    return _addmm_like(func, args, kwargs, _BMM, torch.bmm, torch.baddbmm)
+
+
+@rule(torch.mv, T.mv)
+def mv(func, args, kwargs):
+    _no_out(func, kwargs)
+    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "vec")
+    return _contract(func, a, b, ("i", "k"), ("k",), ("i",), torch.Size((_gshape(a)[0],)),
+                     lambda x, y, _: torch.mv(x, y))
+
+
+@rule(torch.dot, T.dot)
+def dot(func, args, kwargs):
+    _no_out(func, kwargs)
+    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "tensor")
+    return _contract(func, a, b, ("k",), ("k",), (), torch.Size(()),
+                     lambda x, y, _: torch.dot(x, y))
+
+
+# --- matmul / @ ---------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1024)
+def _matmul_labels(ga: Tuple[int, ...], gb: Tuple[int, ...]):
+    """Labels of torch.matmul's contraction, batch dims broadcast from the right. A batch dim of
+    size 1 facing a larger one is not carried by that operand (label None)."""
+    if not ga or not gb:
+        raise RuntimeError(f"both arguments to matmul need to be at least 1D, but they are "
+                           f"{len(ga)}D and {len(gb)}D")
+    ba, bb = ga[:-2], gb[:-2]
+    bo = tuple(torch.broadcast_shapes(ba, bb)) if (ba or bb) else ()
+    names = _batch_labels(len(bo))
+
+    def batch(bs):
+        off = len(bo) - len(bs)
+        return tuple(names[off + i] if n == bo[off + i] else None for i, n in enumerate(bs))
+    la = ("k",) if len(ga) == 1 else batch(ba) + ("i", "k")
+    lb = ("k",) if len(gb) == 1 else batch(bb) + ("k", "j")
+    lo = names + (("i",) if len(ga) > 1 else ()) + (("j",) if len(gb) > 1 else ())
+    oshape = bo + ((ga[-2],) if len(ga) > 1 else ()) + ((gb[-1],) if len(gb) > 1 else ())
+    return la, lb, lo, torch.Size(oshape)
+
+
+@rule(torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__)
+def matmul(func, args, kwargs):
+    """torch.matmul with broadcasting. q @ k^T and attn @ v with heads sharded on the same batch
+    dim stay local; a contraction over a dim sharded on both sides gives a PartialSpec."""
+    _no_out(func, kwargs)
+    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
+    if func is T.__rmatmul__:
+        a, b = b, a
+    la, lb, lo, oshape = _matmul_labels(tuple(_gshape(a)), tuple(_gshape(b)))
+    return _contract(func, a, b, la, lb, lo, oshape, lambda x, y, _: torch.matmul(x, y))
+
+
+# --- einsum ---------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1024)
+def _einsum_labels(eq: str, ga: Tuple[int, ...], gb: Tuple[int, ...]):
+    eq = eq.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        raise UnsupportedOpError(f"torch.einsum: only two-operand equations have a sharding rule,"
+                                 f" got {eq!r}")
+    nell = 0
+    for t, g in zip(terms, (ga, gb)):
+        if "..." in t:
+            nell = max(nell, len(g) - (len(t) - 3))
+    ell = _batch_labels(nell, ".")
+
+    def expand(t, g):
+        if "..." not in t:
+            return list(t)
+        pre, post = t.split("...")
+        k = len(g) - len(pre) - len(post)
+        return list(pre) + list(ell[nell - k:]) + list(post)
+    ls = [expand(t, g) for t, g in zip(terms, (ga, gb))]
+    for t, lab in zip(terms, ls):
+        if len(set(lab)) != len(lab):
+            raise UnsupportedOpError(f"torch.einsum: repeated labels in {t!r} (a diagonal) have "
+                                     f"no sharding rule")
+    if arrow:
+        lo = expand(rhs, ()) if "..." not in rhs else (
+            list(rhs.split("...")[0]) + list(ell) + list(rhs.split("...")[1]))
+    else:
+        counts = {}
+        for lab in ls[0] + ls[1]:
+            counts[lab] = counts.get(lab, 0) + 1
+        lo = list(ell) + sorted(c for c, n in counts.items() if n == 1 and c not in ell)
+    size = {}
+    for lab, g in zip(ls, (ga, gb)):
+        for c, n in zip(lab, g):
+            size[c] = max(size.get(c, 1), n)
+    la = tuple(c if n == size[c] else None for c, n in zip(ls[0], ga))
+    lb = tuple(c if n == size[c] else None for c, n in zip(ls[1], gb))
+    return la, lb, tuple(lo), torch.Size(tuple(size[c] for c in lo))
+
+
+@rule(torch.einsum)
+def einsum(func, args, kwargs):
+    """Two-operand torch.einsum (explicit, implicit or with `...`), laid out like matmul."""
+    eq, ops = args[0], args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    if len(ops) != 2:
+        raise UnsupportedOpError(f"torch.einsum: only two-operand equations have a sharding rule,"
+                                 f" got {len(ops)} operands for {eq!r}")
+    a, b = ops
+    la, lb, lo, oshape = _einsum_labels(eq, tuple(_gshape(a)), tuple(_gshape(b)))
+    return _contract(func, a, b, la, lb, lo, oshape,
+                     lambda x, y, _: torch.einsum(eq, x, y, **kwargs))

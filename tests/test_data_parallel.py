@@ -1,0 +1,79 @@
+"""Tensor x data parallel: gradients averaged over data-parallel replicas equal serial training
+on the global batch; also across two torchrun 'nodes' over loopback."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import shardtensor as st
+from shardtensor.launch import free_port
+from shardtensor.testing import run
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "tp_dp_train.py")
+
+
+def _tp_dp(rank):
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    from tp_dp_train import main
+    return main()
+
+
+def _check(out):
+    for a, b in zip(out["parallel"], out["serial"]):
+        assert abs(a - b) <= 1e-4 * abs(b), out
+    assert out["worst"] < 1e-4, out
+
+
+def test_tp2_dp2_trains_like_serial_on_the_global_batch():
+    _check(run(4, _tp_dp)[0])
+
+
+def _no_sync_and_counts(rank):
+    pg = st.ProcessGroup(tp_degree=2, dp_degree=2)
+    lin = torch.nn.Linear(4, 6)
+    torch.manual_seed(pg.rank())       # replicas start different: broadcast must fix that
+    with torch.no_grad():
+        lin.weight.normal_()
+    st.parallelize(lin, pg, plan={"weight": "row", "bias": "row"})
+    sync = st.data_parallel(lin, pg)
+    x = torch.full((3, 4), float(pg.dp_local_rank() + 1))
+    with sync.no_sync():
+        lin(x).full().sum().backward()
+    local_only = lin.weight.grad.to_local().clone()
+    with st.CommTrace() as trace:
+        lin(x).full().sum().backward()
+    dp_reduces = trace.count("all_reduce", op="data_parallel")
+    w = lin.weight.full()
+    return local_only, lin.weight.grad.to_local(), dp_reduces, w
+
+
+def test_no_sync_accumulates_locally_then_averages():
+    outs = run(4, _no_sync_and_counts)
+    # replicas were made identical at setup
+    assert all(torch.equal(outs[0][3], o[3]) for o in outs)
+    # tp rank 0 of dp replica 0 (rank 0) and of replica 1 (rank 2)
+    l0, g0, n, _ = outs[0]
+    l2, g2, _, _ = outs[2]
+    assert not torch.equal(l0, l2)                       # no_sync: no communication
+    assert torch.allclose(g0, g2) and torch.allclose(g0, (2 * l0 + 2 * l2) / 2)
+    assert n == 1                                        # one bucket, one all-reduce
+
+
+def test_two_torchrun_nodes_over_loopback():
+    port = str(free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = lambda node: [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                        "--nproc-per-node=2", f"--node-rank={node}", "--master-addr=127.0.0.1",
+                        f"--master-port={port}", SCRIPT]
+    procs = [subprocess.Popen(cmd(n), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for n in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    line = [l for l in outs[0][0].splitlines() if l.startswith("RESULT ")][0]
+    out = json.loads(line[len("RESULT "):])
+    assert out["world"] == 4
+    _check(out)
