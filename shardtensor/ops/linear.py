@@ -6,8 +6,8 @@ pure and cached (`_plan`): split the work along one label L, or keep a pending p
   replicated; the output is sharded on L. Column-parallel linear is L = out features.
 - L contracted: both operands sharded on L, the output is a PartialSpec (row-parallel linear).
 - A partial operand times a replicated one stays partial (the product is linear in it).
-The plan that moves the fewest bytes (forward and backward) wins; ties keep the layouts as they
-are. A replicated operand used whole by split work gets Megatron's f (`copy_to_region`:
+The plan with the least traffic (forward and backward) plus per-rank compute wins (so a sharded
+weight is not gathered to save a little traffic); ties keep the layouts as they are. A replicated operand used whole by split work gets Megatron's f (`copy_to_region`:
 identity forward, all-reduce of its gradient backward). A bias is added to a sharded output
 shard-wise; a partial output is reduced first and the bias added once (replicated output).
 """
@@ -54,6 +54,11 @@ def _plan(la: Labels, lb: Labels, lo: Labels, sa, sb, sizes: Tuple[Tuple[str, in
           na: int, nb: int, rga: bool, rgb: bool, d: int):
     """-> (layout of a, layout of b, copy a?, copy b?, output layout) for `la,lb->lo`."""
     size = dict(sizes)
+    if sa.is_replicate and sb.is_replicate:
+        return REPLICA, REPLICA, False, False, REPLICA   # replicated in, replicated out
+    flops = 1
+    for n in size.values():
+        flops *= n
     cands = [(REPLICA, REPLICA, REPLICA)]
     for L in dict.fromkeys(x for x in la + lb if x is not None):
         strides = {s.stride for s, ls in ((sa, la), (sb, lb)) if s.is_shard and ls[s.dim] == L}
@@ -72,8 +77,9 @@ def _plan(la: Labels, lb: Labels, lo: Labels, sa, sb, sizes: Tuple[Tuple[str, in
     for ta, tb, to in cands:
         split = not to.is_replicate
         ca, cb = split and ta.is_replicate and rga, split and tb.is_replicate and rgb
+        # elements communicated + multiply-adds per rank: split work is worth a little traffic
         cost = (_move_cost(sa, ta, na, d, rga) + _move_cost(sb, tb, nb, d, rgb)
-                + 2 * na * ca + 2 * nb * cb)
+                + 2 * na * ca + 2 * nb * cb + (flops / d if split else flops))
         # ties: prefer the plan that keeps both operands where they are
         key = (cost, (sa != ta) + (sb != tb))
         if best_cost is None or key < best_cost:

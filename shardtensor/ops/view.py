@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from math import prod
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
+from ..dispatch import UnsupportedOpError
 from ..spec import local_shape, part_sizes
-from ._util import (REPLICA, ST, ShardSpec, ShardingError, UnsupportedOpError, group_of, rule,
-                    to_layout, wrap)
+from ._util import REPLICA, ST, ShardSpec, rule, to_layout, wrap
 
 T = torch.Tensor
 
@@ -407,5 +407,3 @@ def flip(func, args, kwargs):
         return wrap(to_layout(full, x._spec, x._pg, func), x._spec, x._pg, x._gshape)
     return wrap(x._local.flip(dims), x._spec, x._pg, x._gshape)
 
-
-_ = (Optional, ShardingError, group_of)  # re-exported names some readers look for

@@ -1,0 +1,384 @@
+"""Elementwise ops: unary math, binary ops with broadcasting, casts, copies and `*_like`.
+
+Shards and replicas run locally and keep their layout. A plain tensor or a number is a
+replicated value: it is sliced locally to the output's layout when it spans the sharded dim and
+used as is when it broadcasts along it (its gradient is then all-reduced: Megatron's `f`).
+Partial inputs stay partial only where the op is linear in them (partial + partial, partial *
+replicated, neg, casts to floating dtypes); otherwise they are reduced first (all-reduce, or
+reduce-scatter when the other operand is sharded). Two operands sharded on different dims: the
+smaller one is moved (all-to-all). Layout decisions are pure and cached on (specs, shapes).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from ..collectives import copy_to_region
+from ..spec import take_shard
+from ._util import (PARTIAL, REPLICA, ST, ShardingError, ShardSpec, materialize, rule,
+                    to_layout, wrap)
+from ..dispatch import UnsupportedOpError
+from .. import trace as _trace
+
+T = torch.Tensor
+Tensor = torch.Tensor
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+
+
+def _spellings(names, extra=()):
+    """Every spelling of each name: torch.X, Tensor.X, F.X, and the in-place X_ forms.
+    Returns (funcs, inplace funcs)."""
+    funcs, inplace = {}, set()
+    for name in names.split():
+        for ns in (torch, T, F, torch.special):
+            for n, ip in ((name, False), (name + "_", True)):
+                f = getattr(ns, n, None)
+                if callable(f) and not isinstance(f, type):
+                    funcs[f] = None
+                    if ip:
+                        inplace.add(f)
+    for name in extra:
+        f = getattr(T, name, None)
+        if f is not None:
+            funcs[f] = None
+            if name.startswith("__i"):
+                inplace.add(f)
+    return list(funcs), inplace
+
+
+# --- which argument positions an op is linear in (for PartialSpec inputs) -------------------------
+# "sum": the op is linear in those arguments jointly (a + b): the output stays partial when every
+# one of them is partial. "prod": linear in each separately (a * b): one partial operand is kept,
+# the others are reduced first.
+_ARGS01 = frozenset((0, 1, "input", "other"))
+_LIN = {}
+
+
+def _lin(funcs, mode, positions):
+    for f in funcs:
+        _LIN[f] = (mode, frozenset(positions))
+
+
+_UNARY, _UNARY_IP = _spellings("""
+    relu silu gelu softplus tanh sigmoid exp exp2 expm1 log log1p log2 log10 abs absolute sqrt
+    rsqrt square sin cos tan sinh cosh asin acos atan erf erfc erfinv reciprocal clamp clip
+    clamp_min clamp_max nan_to_num sign sgn floor ceil round trunc frac logical_not bitwise_not
+    relu6 leaky_relu elu selu celu mish hardswish hardsigmoid hardtanh logsigmoid threshold
+    softsign tanhshrink isnan isinf isfinite isposinf isneginf signbit neg negative positive
+    """, ("__abs__", "__neg__", "__pos__", "__invert__"))
+_lin([f for f in _UNARY if getattr(f, "__name__", "").rstrip("_") in ("neg", "negative", "positive")]
+     + [T.__neg__, T.__pos__], "prod", (0,))
+
+_SUM, _SUM_IP = _spellings("add sub subtract rsub", (
+    "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__"))
+_lin(_SUM, "sum", _ARGS01)
+_MUL, _MUL_IP = _spellings("mul multiply", ("__mul__", "__rmul__", "__imul__"))
+_lin(_MUL, "prod", _ARGS01)
+_DIV, _DIV_IP = _spellings("div divide true_divide", ("__truediv__", "__itruediv__", "__idiv__"))
+_lin(_DIV, "prod", (0, "input"))
+_OTHER, _OTHER_IP = _spellings("""
+    floor_divide remainder fmod maximum minimum fmax fmin pow float_power atan2 hypot eq ne lt
+    le gt ge greater less greater_equal less_equal not_equal logical_and logical_or logical_xor
+    bitwise_and bitwise_or bitwise_xor masked_fill addcmul addcdiv copysign xlogy
+    """, ("__rtruediv__", "__rdiv__", "__pow__", "__rpow__", "__ipow__", "__floordiv__",
+          "__rfloordiv__", "__ifloordiv__", "__mod__", "__rmod__", "__imod__", "__eq__", "__ne__",
+          "__lt__", "__le__", "__gt__", "__ge__", "__and__", "__rand__", "__iand__", "__or__",
+          "__ror__", "__ior__", "__xor__", "__rxor__", "__ixor__"))
+_LERP, _LERP_IP = _spellings("lerp")
+_lin(_LERP, "sum", (0, 1, "input", "end"))
+_lin([torch.where], "sum", (1, 2, "input", "other"))
+_lin([T.where], "sum", (0, 2, "other"))
+
+_INPLACE = _UNARY_IP | _SUM_IP | _MUL_IP | _DIV_IP | _OTHER_IP | _LERP_IP
+_KEEPS_PARTIAL_ALONE = frozenset(f for f, (m, p) in _LIN.items() if m == "prod" and 0 in p)
+
+
+# --- layout decisions (pure, cached) --------------------------------------------------------------
+
+@lru_cache(maxsize=8192)
+def _plan(lin, inplace, desc):
+    """desc: ((position, spec or None for a plain tensor, global shape), ...), self first for an
+    in-place op. Returns (output spec, output shape, ((layout or None, copy_to_region?), ...)):
+    each operand is moved to `layout` (None: as is), then passed through copy_to_region when it
+    is a replicated value meeting a non-replicated output (its gradient must be summed)."""
+    shapes = [s for _, _, s in desc]
+    out_shape = torch.Size(torch.broadcast_shapes(*shapes)) if len(shapes) > 1 else shapes[0]
+    n = len(out_shape)
+    specs = [sp for _, sp, _ in desc]
+    partial = [i for i, sp in enumerate(specs) if sp is not None and sp.is_partial]
+    sharded = any(sp is not None and sp.is_shard for sp in specs)
+
+    if partial and lin is not None and not sharded:
+        mode, lpos = lin
+        pos = [p for p, _, _ in desc]
+        keep = None
+        if mode == "sum":
+            if all((p in lpos) == (i in partial) for i, p in enumerate(pos)):
+                keep = set(partial)
+        else:
+            lp = [i for i in partial if pos[i] in lpos]
+            if lp and (not inplace or lp[0] == 0):
+                keep = {lp[0]}
+        if keep:
+            acts = tuple((None, False) if i in keep else
+                         (REPLICA if i in partial else None, True) for i in range(len(desc)))
+            return PARTIAL, out_shape, acts
+
+    if inplace and specs[0] is not None:
+        target = REPLICA if specs[0].is_partial else specs[0]
+    else:
+        weights = {}
+        for _, sp, s in desc:
+            if sp is not None and sp.is_shard:
+                od = sp.dim + n - len(s)
+                if s[sp.dim] == out_shape[od]:
+                    key = ShardSpec(od, sp.degree, sp.stride)
+                    weights[key] = weights.get(key, 0) + s.numel()
+        target = max(weights, key=weights.get) if weights else REPLICA
+
+    acts = []
+    for _, sp, s in desc:
+        want = REPLICA
+        if target.is_shard:
+            od = target.dim - (n - len(s))
+            if od >= 0 and s[od] == out_shape[target.dim]:
+                want = ShardSpec(od, target.degree, target.stride)
+        move = None if sp == want or (sp is None and want is REPLICA) else want
+        acts.append((move, want is REPLICA and not target.is_replicate))
+    return target, out_shape, tuple(acts)
+
+
+# --- execution ------------------------------------------------------------------------------------
+
+def _sync_requires_grad(x, local):
+    """After an in-place op the shard may require grad where the wrapper did not."""
+    if local.requires_grad:
+        with _DisableTF():
+            if not x.requires_grad:
+                T.requires_grad_(x, True)
+
+
+def _rebind(x, local, spec):
+    """An in-place op on a partial value that had to be reduced first: x now holds the result."""
+    x._local, x._spec = local, spec
+    _sync_requires_grad(x, local)
+    return x
+
+
+def _generic(func, args, kwargs):
+    ops = [(i, a) for i, a in enumerate(args) if isinstance(a, Tensor)]
+    ops += [(k, v) for k, v in kwargs.items() if k != "out" and isinstance(v, Tensor)]
+    inplace = func in _INPLACE
+    lin = _LIN.get(func)
+    if lin is not None and lin[0] == "sum":
+        # a number among the summands would be added once per rank
+        for p in lin[1]:
+            v = args[p] if type(p) is int and p < len(args) else kwargs.get(p) if type(p) is str else None
+            if v is not None and not isinstance(v, Tensor):
+                lin = None
+                break
+    desc, pg = [], None
+    for p, v in ops:
+        if type(v) is ST:
+            desc.append((p, v._spec, v._gshape))
+            if pg is None:
+                pg = v._pg
+            elif v._pg is not pg and v._pg != pg:
+                from ._util import group_of
+                group_of(func, *(v for _, v in ops))
+        else:
+            desc.append((p, None, v.shape))
+    if inplace and ops[0][0] != 0:
+        raise UnsupportedOpError(f"{_trace.func_name(func)}: in-place op without a tensor self")
+    target, out_shape, acts = _plan(lin, inplace, tuple(desc))
+    new_args, new_kwargs = list(args), dict(kwargs)
+    for (p, v), (move, copy) in zip(ops, acts):
+        loc = v._local if type(v) is ST else v
+        if move is not None:
+            loc = to_layout(v, move, pg, func)
+        if copy:
+            loc = copy_to_region(loc, pg, func)
+        if type(p) is int:
+            new_args[p] = loc
+        else:
+            new_kwargs[p] = loc
+    out = kwargs.get("out")
+    if out is not None:
+        if type(out) is ST:
+            if out._spec != target or out._gshape != out_shape:
+                raise ShardingError(f"{_trace.func_name(func)}: out= has layout {out._spec!r} and "
+                                    f"shape {tuple(out._gshape)}, the result {target!r} and "
+                                    f"{tuple(out_shape)}")
+            new_kwargs["out"] = out._local
+        elif not target.is_replicate:
+            raise UnsupportedOpError(f"{_trace.func_name(func)}: out= is a plain tensor but the "
+                                     f"result is laid out {target!r}; pass a ShardedTensor")
+        func(*new_args, **new_kwargs)
+        return out
+    res = func(*new_args, **new_kwargs)
+    if inplace:
+        x = args[0]
+        if type(x) is ST:
+            if res is not x._local:
+                return _rebind(x, res, target)
+            _sync_requires_grad(x, res)
+        return x
+    return wrap(res, target, pg, out_shape)
+
+
+@rule(*_UNARY, *_SUM, *_MUL, *_DIV, *_OTHER, *_LERP)
+def pointwise(func, args, kwargs):
+    """Elementwise op. Fast paths: one ShardedTensor with numbers, two with the same layout."""
+    x = args[0] if args else None
+    if type(x) is ST and "out" not in kwargs:
+        for v in kwargs.values():
+            if isinstance(v, Tensor):
+                return _generic(func, args, kwargs)
+        y = args[1] if len(args) > 1 else None
+        if len(args) > 2:
+            for v in args[2:]:
+                if isinstance(v, Tensor):
+                    return _generic(func, args, kwargs)
+        spec = x._spec
+        if y is None or not isinstance(y, Tensor):
+            if spec.is_partial and func not in _KEEPS_PARTIAL_ALONE:
+                loc = materialize(x, func)
+                res = func(loc, *args[1:], **kwargs)
+                if res is loc or func in _INPLACE:
+                    return _rebind(x, res, REPLICA)
+                return wrap(res, REPLICA, x._pg, x._gshape)
+            loc = x._local
+            res = func(loc, *args[1:], **kwargs)
+            if res is loc:
+                _sync_requires_grad(x, res)
+                return x
+            return wrap(res, spec, x._pg, x._gshape)
+        if (type(y) is ST and y._spec == spec and y._gshape == x._gshape and y._pg is x._pg
+                and not spec.is_partial):
+            loc = x._local
+            res = func(loc, y._local, *args[2:], **kwargs)
+            if res is loc:
+                _sync_requires_grad(x, res)
+                return x
+            return wrap(res, spec, x._pg, x._gshape)
+    return _generic(func, args, kwargs)
+
+
+@rule(torch.where, T.where)
+def where(func, args, kwargs):
+    if func is torch.where and len(args) + len(kwargs) == 1:
+        raise UnsupportedOpError("torch.where(condition) with one argument returns indices (like "
+                                 "nonzero) and has no sharding rule; use torch.where(cond, a, b)")
+    return _generic(func, args, kwargs)
+
+
+# --- casts, copies, fills ----------------------------------------------------------------------
+
+def _unwrap_templates(args):
+    return tuple(a._local if type(a) is ST else a for a in args)
+
+
+def _partial_cast_ok(src, dst):
+    """Summands may be cast separately when the sum is unchanged (up to rounding)."""
+    if dst.is_floating_point or dst.is_complex:
+        return True
+    return not src.is_floating_point and src != torch.bool and dst != torch.bool
+
+
+_CASTS = [getattr(T, n) for n in """to float double half bfloat16 type type_as int long short
+          char byte bool cfloat cdouble cpu cuda clone""".split() if hasattr(T, n)] + [torch.clone]
+
+
+@rule(*_CASTS)
+def cast(func, args, kwargs):
+    """Casts and clones keep the layout (a partial value stays partial for casts between floating
+    dtypes); `.to()` that changes nothing returns the tensor itself, as torch does."""
+    x = args[0]
+    rest = _unwrap_templates(args[1:])
+    if kwargs:
+        kwargs = {k: (v._local if type(v) is ST else v) for k, v in kwargs.items()}
+    if type(x) is not ST:  # plain.to(sharded) / plain.type_as(sharded): a plain result
+        return func(x, *rest, **kwargs)
+    loc = x._local
+    res = func(loc, *rest, **kwargs)
+    if not isinstance(res, Tensor):  # x.type() -> 'torch.FloatTensor'
+        return res
+    if res is loc:
+        return x
+    spec = x._spec
+    if spec.is_partial and not _partial_cast_ok(loc.dtype, res.dtype):
+        res, spec = func(materialize(x, func), *rest, **kwargs), REPLICA
+    return wrap(res, spec, x._pg, x._gshape, x._compute_spec)
+
+
+_RANDOM_LIKE = (torch.rand_like, torch.randn_like, torch.randint_like)
+
+
+@rule(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, *_RANDOM_LIKE)
+def like(func, args, kwargs):
+    """Same layout as the input; a partial input gives a replicated result (ones_like of a
+    partial value must not be summed over ranks). Random fills of a shard draw the full tensor
+    from the default generator and keep this rank's piece: the values equal the serial ones and
+    every rank's generator advances alike."""
+    x = args[0]
+    rest = _unwrap_templates(args[1:])
+    spec = REPLICA if x._spec.is_partial else x._spec
+    loc = x._local
+    if func in _RANDOM_LIKE and spec.is_shard:
+        kw = dict(kwargs)
+        rg = kw.pop("requires_grad", False)
+        kw.pop("memory_format", None)
+        full = func(torch.empty(x._gshape, dtype=loc.dtype, device=loc.device), *rest, **kw)
+        res = take_shard(full, spec, x._pg.tp_local_rank()).clone().requires_grad_(rg)
+    else:
+        res = func(loc, *rest, **kwargs)
+    return wrap(res, spec, x._pg, x._gshape)
+
+
+@rule(T.copy_)
+def copy_(func, args, kwargs):
+    """dst.copy_(src): the source is moved to dst's layout (a plain source is sliced locally;
+    into a partial dst it becomes rank 0's summand)."""
+    dst = args[0]
+    src = args[1] if len(args) > 1 else kwargs["src"]
+    if type(dst) is ST and dst._spec.is_partial:
+        from ._util import group_of
+        pg = group_of(func, dst, src)
+        loc = to_layout(src, PARTIAL, pg, func)
+        rest = args[2:]
+        kw = {k: v for k, v in kwargs.items() if k != "src"}
+        dst._local.copy_(loc, *rest, **kw)
+        _sync_requires_grad(dst, dst._local)
+        return dst
+    return _generic(_COPY_INPLACE, args, kwargs)
+
+
+_COPY_INPLACE = T.copy_
+_INPLACE.add(T.copy_)
+
+
+@rule(T.fill_, torch.fill_)
+def fill_(func, args, kwargs):
+    """Fill with a replicated value. A partial tensor becomes replicated: every summand is
+    overwritten, so nothing needs reducing."""
+    x = args[0]
+    v = args[1] if len(args) > 1 else kwargs["value"]
+    if type(v) is ST:
+        v = materialize(v, func)
+    if type(x) is not ST:
+        return func(x, v)
+    x._local.fill_(v)
+    if x._spec.is_partial:
+        x._spec = REPLICA
+    _sync_requires_grad(x, x._local)
+    return x
+
+
+@rule(T.zero_, torch.zero_)
+def zero_(func, args, kwargs):
+    """Zeros under any layout (a partial zero sums to zero)."""
+    x = args[0]
+    x._local.zero_()
+    return x
