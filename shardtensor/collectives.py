@@ -314,3 +314,62 @@ def redistribute_local(x: torch.Tensor, src: Spec, dst: Spec, full_shape, pg, op
     if dst.is_replicate:
         return reduce_from_region(x, pg, op, inplace)
     return reduce_scatter_to_region(x, dst, pg, op)
+
+
+# --- max / min reductions (appended for the reduction rules) -----------------------------------
+
+def all_reduce_max_(x: torch.Tensor, pg, op=None, phase: str = "forward") -> torch.Tensor:
+    """Elementwise maximum of `x` over the tensor-parallel group, in place (no autograd)."""
+    if pg.tp_world_size() == 1:
+        return x
+    _record("all_reduce", x, pg, op, phase)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=pg.tp_process_group())
+    return x
+
+
+def all_reduce_min_(x: torch.Tensor, pg, op=None, phase: str = "forward") -> torch.Tensor:
+    """Elementwise minimum of `x` over the tensor-parallel group, in place (no autograd)."""
+    if pg.tp_world_size() == 1:
+        return x
+    _record("all_reduce", x, pg, op, phase)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN, group=pg.tp_process_group())
+    return x
+
+
+class _ExtremumFromRegion(torch.autograd.Function):
+    """Forward: all-reduce max (or min) of per-rank candidates. Backward: the gradient goes to
+    the ranks whose candidate is the extremum, split equally among them (one all-reduce counts
+    them), like torch.amax splits it among ties."""
+
+    @staticmethod
+    def forward(ctx, x, pg, op, largest):
+        y = x.clone()
+        (all_reduce_max_ if largest else all_reduce_min_)(y, pg, op, "forward")
+        ctx.save_for_backward(x, y)
+        ctx.pg, ctx.op = pg, op
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        hit = (x == y).to(g.dtype)
+        count = all_reduce_(hit.clone(), ctx.pg, ctx.op, "backward")
+        return g * hit / count.clamp_min(1), None, None, None
+
+
+def max_from_region(x: torch.Tensor, pg, op=None) -> torch.Tensor:
+    """The elementwise maximum over the group of every rank's `x` (replicated), differentiable."""
+    if pg.tp_world_size() == 1:
+        return x
+    if not x.requires_grad:
+        return all_reduce_max_(x.clone(), pg, op)
+    return _ExtremumFromRegion.apply(x, pg, op, True)
+
+
+def min_from_region(x: torch.Tensor, pg, op=None) -> torch.Tensor:
+    """The elementwise minimum over the group of every rank's `x` (replicated), differentiable."""
+    if pg.tp_world_size() == 1:
+        return x
+    if not x.requires_grad:
+        return all_reduce_min_(x.clone(), pg, op)
+    return _ExtremumFromRegion.apply(x, pg, op, False)

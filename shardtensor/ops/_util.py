@@ -85,3 +85,11 @@ def local_index(ids: torch.Tensor, n: int, spec: ShardSpec, rank: int):
         mask |= m
         off += length
     return lid, mask
+
+
+def allreduce_for_shards(x, pg, func=None):
+    """Sum per-rank statistics (`x`) over the group for use *inside* a sharded computation (a
+    softmax denominator, a layer-norm mean): forward all-reduce, and, since every rank's shard
+    then contributes to the statistic's gradient, backward all-reduce too."""
+    from ..collectives import copy_to_region, reduce_from_region
+    return copy_to_region(reduce_from_region(x, pg, func), pg, func)

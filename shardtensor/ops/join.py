@@ -8,15 +8,14 @@ sharded dim gives a strided shard when the parts have equal blocks (q|k|v again)
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
 from ..collectives import copy_to_region
 from ..dispatch import UnsupportedOpError
 from ..spec import shard_ranges
-from ._util import (PARTIAL, REPLICA, ST, ShardSpec, group_of, materialize, rule, spec_of,
-                    to_layout, unwrap, wrap)
+from ._util import PARTIAL, REPLICA, ST, ShardSpec, group_of, rule, spec_of, to_layout, wrap
 
 T = torch.Tensor
 
@@ -96,8 +95,8 @@ def _bounds(sizes):
 @rule(T.narrow, torch.narrow)
 def narrow(func, args, kwargs):
     x = args[0]
-    dim, start, length = (list(args[1:]) + [kwargs.get(k) for k in ("dim", "start", "length")
-                                            ][len(args) - 1:])[:3]
+    dim, start, length = (tuple(args[1:]) + tuple(kwargs[k] for k in ("dim", "start", "length")
+                                                  if k in kwargs))[:3]
     g = x._gshape
     dim %= len(g)
     start = int(start) % g[dim] if int(start) < 0 else int(start)
@@ -309,7 +308,9 @@ def setitem(func, args, kwargs):
     pg = group_of(func, x, v)
     spec = x._spec
     if not spec.is_shard:   # a partial target takes a partial value: summands add up to v
-        x._local[idx] = _value_local(v, spec, pg, func)
+        if spec.is_partial and not isinstance(v, torch.Tensor) and x._pg.tp_local_rank():
+            v = 0
+        x._local[idx] = _value_local(v, spec, pg or x._pg, func)
         return None
     plan = _index_plan(x, idx, func)
     if plan is not None and plan[0] is not False:
@@ -400,5 +401,3 @@ def stack(func, args, kwargs):
         out = ShardSpec(spec.dim + 1, spec.degree, spec.stride)
     return wrap(torch.stack(locals_, dim), out, pg, shape[:dim] + (len(tensors),) + shape[dim:])
 
-
-_ = (Optional, materialize, unwrap)

@@ -73,7 +73,8 @@ def reshape_plan(ishape: Tuple[int, ...], spec: ShardSpec, oshape: Tuple[int, ..
                 if _runs_match(block, n, prod(c[jj + 1:]), c[jj], S // outer):
                     found.append(jj)
             if found:
-                jj = next((k for k in found if c[k] > 1), found[0])
+                # prefer a real dim, then the smallest stride (a plain shard of the heads dim)
+                jj = min(found, key=lambda k: (c[k] == 1, S // prod(c[:k])))
                 return ShardSpec(outs[jj], n, S // prod(c[:jj])), True
         target = next((k for k in outs if oshape[k] > 1), None)
         return (REPLICA if target is None else ShardSpec(target, n)), False
@@ -212,19 +213,33 @@ def t(func, args, kwargs):
     return _permuted(x, x._local.t(), _swap_perm(len(x._gshape), 0, -1))
 
 
-@rule(T.T.__get__, T.mT.__get__, T.mH.__get__, T.H.__get__)
-def t_property(func, args, kwargs):
-    x = args[0]
+def _t_property(x, reverse: bool, conj: bool):
     nd = len(x._gshape)
-    if func is T.T.__get__ or func is T.H.__get__:
-        perm = tuple(reversed(range(nd)))
-        local = x._local.permute(perm)
-    else:
-        perm = _swap_perm(nd, -2, -1)
-        local = x._local.transpose(-2, -1)
-    if (func is T.mH.__get__ or func is T.H.__get__) and local.is_complex():
+    perm = tuple(reversed(range(nd))) if reverse else _swap_perm(nd, -2, -1)
+    local = x._local.permute(perm)
+    if conj and local.is_complex():
         local = local.conj()
     return _permuted(x, local, perm)
+
+
+@rule(T.T.__get__)
+def t_property(func, args, kwargs):
+    return _t_property(args[0], True, False)
+
+
+@rule(T.H.__get__)
+def h_property(func, args, kwargs):
+    return _t_property(args[0], True, True)
+
+
+@rule(T.mT.__get__)
+def mt_property(func, args, kwargs):
+    return _t_property(args[0], False, False)
+
+
+@rule(T.mH.__get__)
+def mh_property(func, args, kwargs):
+    return _t_property(args[0], False, True)
 
 
 @rule(T.permute, torch.permute)

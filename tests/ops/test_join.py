@@ -1,0 +1,220 @@
+"""Slicing and joining rules (ops/join.py) against serial torch, forward and input gradients:
+narrow/select/split/chunk/tensor_split/unbind, indexing and index assignment, cat/stack; the
+fused q|k|v cases never communicate."""
+import pytest
+import torch
+from hypothesis import given, strategies as hs
+
+import shardtensor as st
+from shardtensor.testing import run
+from strategies import WORLDS, shapes, specs
+from test_view import check_op
+
+
+class Op:
+    def __init__(self, name, *a):
+        self.name, self.a = name, a
+
+    def __call__(self, x):
+        return getattr(self, "_" + self.name)(x, *self.a)
+
+    def __repr__(self):
+        return f"Op({self.name}, {self.a})"
+
+    _narrow = staticmethod(lambda x, d, a, l: x.narrow(d, a, l))
+    _select = staticmethod(lambda x, d, i: x.select(d, i))
+    _split = staticmethod(lambda x, s, d: x.split(s, d))
+    _torch_split = staticmethod(lambda x, s, d: torch.split(x, s, d))
+    _chunk = staticmethod(lambda x, c, d: x.chunk(c, d))
+    _tensor_split = staticmethod(lambda x, s, d: x.tensor_split(s, d))
+    _unbind = staticmethod(lambda x, d: x.unbind(d))
+    _getitem = staticmethod(lambda x, idx: x[idx])
+
+    @staticmethod
+    def _setitem(x, idx, vshape, seed):
+        g = torch.Generator().manual_seed(seed)
+        v = torch.randn(vshape, dtype=torch.float64, generator=g)
+        y = x * 1.0 if not isinstance(x, st.ShardedTensor) else _copy(x)
+        y[idx] = v
+        return y
+
+    @staticmethod
+    def _cat(x, d, other_spec, seed, stack):
+        g = torch.Generator().manual_seed(seed)
+        other = torch.randn(x.shape, dtype=torch.float64, generator=g)
+        if isinstance(x, st.ShardedTensor) and other_spec is not None:
+            other = st.ShardedTensor.from_global(other, x.pg, other_spec)
+        return torch.stack([x, other, x], d) if stack else torch.cat([x, other, x], d)
+
+
+def _copy(x):
+    """A non-leaf copy of a ShardedTensor built without elementwise rules."""
+    return st.ShardedTensor.from_local(x.to_local() * 1.0, x.pg, x.spec, shape=x.shape)
+
+
+@hs.composite
+def index_items(draw, shape):
+    items, k = [], draw(hs.integers(1, 3))   # index tensors broadcast: one length
+    for n in shape:
+        kind = draw(hs.sampled_from(["all", "slice", "step", "int", "tensor", "none"]))
+        if kind == "none":
+            items.append(None)
+            kind = "all"
+        if kind == "all":
+            items.append(slice(None))
+        elif kind == "slice":
+            a = draw(hs.integers(-n, n))
+            items.append(slice(a, draw(hs.one_of(hs.none(), hs.integers(-n, n)))))
+        elif kind == "step":
+            items.append(slice(None, None, draw(hs.integers(2, 3))))
+        elif kind == "int":
+            items.append(draw(hs.integers(-n, n - 1)))
+        else:
+            items.append(torch.tensor(draw(hs.lists(hs.integers(0, n - 1), min_size=k, max_size=k))))
+    if draw(hs.booleans()):   # an Ellipsis standing for one full dim
+        full = [k for k, v in enumerate(items) if v == slice(None)]
+        if full:
+            items[draw(hs.sampled_from(full))] = Ellipsis
+    elif draw(hs.booleans()):   # trailing full dims left out
+        while items and items[-1] == slice(None):
+            items.pop()
+    return tuple(items)
+
+
+@hs.composite
+def join_ops(draw, shape):
+    nd = len(shape)
+    d = draw(hs.integers(-nd, nd - 1))
+    n = shape[d]
+    kind = draw(hs.sampled_from(["narrow", "select", "split", "torch_split", "chunk",
+                                 "tensor_split", "unbind", "getitem", "setitem", "cat", "stack"]))
+    if kind == "narrow":
+        a = draw(hs.integers(0, n))
+        return Op(kind, d, a, draw(hs.integers(0, n - a)))
+    if kind == "select":
+        return Op(kind, d, draw(hs.integers(-n, n - 1)))
+    if kind in ("split", "torch_split"):
+        how = draw(hs.one_of(hs.integers(1, n), hs.lists(hs.integers(0, n), max_size=3)
+                             .filter(lambda v: sum(v) <= n).map(lambda v: v + [n - sum(v)])))
+        return Op(kind, how, d)
+    if kind == "chunk":
+        return Op(kind, draw(hs.integers(1, n + 1)), d)
+    if kind == "tensor_split":
+        how = draw(hs.one_of(hs.integers(1, n + 1), hs.lists(hs.integers(-n, n), max_size=3)))
+        return Op(kind, how, d)
+    if kind == "unbind":
+        return Op(kind, d)
+    if kind == "getitem":
+        return Op(kind, draw(index_items(shape)))
+    if kind == "setitem":
+        idx = tuple(v for v in draw(index_items(shape)) if v is not None)
+        vshape = torch.empty(shape)[idx].shape
+        if draw(hs.booleans()) and len(vshape):   # a value that broadcasts
+            vshape = torch.Size([1] * draw(hs.integers(0, 1)) + [1] + list(vshape[1:]))
+        return Op(kind, idx, tuple(vshape), draw(hs.integers(0, 99)))
+    other = draw(hs.sampled_from([None, "same", "replica"]))
+    return Op("cat", d, other, draw(hs.integers(0, 99)), kind == "stack")
+
+
+def _check_join(rank, shape, spec, op, seed):
+    pg = st.ProcessGroup()
+    if op.name == "cat" and op.a[1] is not None:
+        other = spec if op.a[1] == "same" else st.ReplicaSpec()
+        op = Op("cat", op.a[0], other, *op.a[2:])
+    return check_op(rank, shape, spec, op, seed)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@given(data=hs.data())
+def test_slicing_and_joining_match_serial(world, data):
+    shape = data.draw(shapes(max_dims=3, max_side=7))
+    spec = data.draw(specs(shape, world))
+    op = data.draw(join_ops(shape))
+    _, kinds = run(world, _check_join, shape, spec, op, data.draw(hs.integers(0, 2**16)))[0]
+    nspec = spec.normalize(shape)
+    if not nspec.is_shard and op.name != "cat":
+        assert kinds == [], (op, kinds)
+    if nspec.is_shard and op.name in ("narrow", "split", "chunk", "getitem", "select"):
+        d = op.a[0] if op.name in ("narrow", "select") else op.a[-1]
+        if op.name != "getitem" and d % len(shape) != nspec.dim:
+            assert kinds == [], (op, kinds)     # slicing another dim is local
+
+
+# --- fused q|k|v -------------------------------------------------------------------------------
+
+def _qkv(rank, hidden, how):
+    pg = st.ProcessGroup()
+    n = pg.tp_world_size()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 3 * hidden, dtype=torch.float64, requires_grad=True)
+    t = st.ShardedTensor.from_global(x, pg, st.ShardSpec(-1, n, stride=3))
+    with st.CommTrace() as trace:
+        if how == "split":
+            parts = t.split(hidden, dim=-1)
+        elif how == "chunk":
+            parts = t.chunk(3, dim=-1)
+        elif how == "slices":
+            parts = [t[..., :hidden], t[:, :, hidden:2 * hidden], t[..., 2 * hidden:]]
+        else:
+            parts = torch.tensor_split(t, 3, dim=2)
+        again = torch.cat(parts, dim=-1)
+    for p, r in zip(parts, x.split(hidden, dim=-1)):
+        torch.testing.assert_close(p.full(), r)
+    torch.testing.assert_close(again.full(), x)
+    return [p.spec for p in parts], again.spec, len(trace.events)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("how", ["split", "chunk", "slices", "tensor_split"])
+def test_strided_qkv_splits_into_three_plain_shards_without_communication(world, how):
+    for hidden in (4, 5):   # 5: uneven heads-free hidden, still local
+        pspecs, cspec, nev = run(world, _qkv, hidden, how)[0]
+        assert pspecs == [st.ShardSpec(2, world)] * 3
+        assert cspec == st.ShardSpec(2, world, stride=3)
+        assert nev == 0
+
+
+def _index_no_comm(rank):
+    pg = st.ProcessGroup()
+    n = pg.tp_world_size()
+    x = torch.arange(4 * 5 * 6.0).reshape(4, 5, 6)
+    t = st.ShardedTensor.from_global(x, pg, st.ShardSpec(2, n))
+    idx = torch.tensor([3, 0, 3])
+    with st.CommTrace() as trace:
+        outs = [t[1], t[:, None, 2:], t[idx], t[..., None], t[idx, :, :][:, [1, 2]], t[:, -1],
+                t[None, 1:3, ..., :]]
+    refs = [x[1], x[:, None, 2:], x[idx], x[..., None], x[idx, :, :][:, [1, 2]], x[:, -1],
+            x[None, 1:3, ..., :]]
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o.full(), r)
+    # an int on the sharded dim: a partial value, still no communication
+    with st.CommTrace() as t2:
+        last = t[..., -1]
+    torch.testing.assert_close(last.full(), x[..., -1])
+    return len(trace.events) + len(t2.events), [o.spec for o in outs], last.spec
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_indexing_off_the_sharded_dim_is_local(world):
+    nev, ospecs, last = run(world, _index_no_comm)[0]
+    assert nev == 0
+    assert ospecs[0] == st.ShardSpec(1, world) and ospecs[3] == st.ShardSpec(2, world)
+    assert ospecs[2] == st.ShardSpec(2, world) and ospecs[6] == st.ShardSpec(3, world)
+    assert last == (st.PartialSpec() if world > 1 else st.PartialSpec())
+
+
+def _stack_norms(rank):
+    """clip_grad_norm_'s pattern: stack 0-dim norms of sharded and plain tensors."""
+    pg = st.ProcessGroup()
+    torch.manual_seed(4)
+    a, b = torch.randn(5, 3), torch.randn(4)
+    ta = st.ShardedTensor.from_global(a, pg, st.ShardSpec(0, pg.tp_world_size()))
+    norms = [torch.linalg.vector_norm(ta), torch.linalg.vector_norm(b)]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    ref = torch.linalg.vector_norm(torch.stack([a.norm(), b.norm()]))
+    torch.testing.assert_close(total.full(), ref)
+    return total.spec
+
+
+def test_stack_of_norms_is_replicated():
+    assert run(2, _stack_norms)[0] == st.ReplicaSpec()

@@ -1,0 +1,178 @@
+"""Reduction rules (ops/reduction.py) against serial torch, forward and input gradients, over
+random dims of random layouts; local over non-sharded dims, the promised collectives over the
+sharded dim (sum/mean: none, a partial value; softmax: two all-reduces)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as hs
+
+import shardtensor as st
+from shardtensor.testing import run
+from strategies import WORLDS, shapes, specs
+from test_view import check_op
+
+
+class Op:
+    def __init__(self, name, *a, **k):
+        self.name, self.a, self.k = name, a, k
+
+    def __call__(self, x):
+        return getattr(self, "_" + self.name)(x, *self.a, **self.k)
+
+    def __repr__(self):
+        return f"Op({self.name}, {self.a}, {self.k})"
+
+    _sum = staticmethod(lambda x, *a, **k: x.sum(*a, **k))
+    _torch_sum = staticmethod(lambda x, *a, **k: torch.sum(x, *a, **k))
+    _mean = staticmethod(lambda x, *a, **k: x.mean(*a, **k))
+    _nansum = staticmethod(lambda x, *a, **k: torch.nansum(x, *a, **k))
+    _amax = staticmethod(lambda x, *a, **k: x.amax(*a, **k))
+    _amin = staticmethod(lambda x, *a, **k: torch.amin(x, *a, **k))
+    _max = staticmethod(lambda x, *a, **k: tuple(x.max(*a, **k)) if a or k else x.max())
+    _min = staticmethod(lambda x, *a, **k: tuple(torch.min(x, *a, **k)) if a or k else x.min())
+    _argmax = staticmethod(lambda x, *a, **k: x.argmax(*a, **k))
+    _argmin = staticmethod(lambda x, *a, **k: torch.argmin(x, *a, **k))
+    _vector_norm = staticmethod(lambda x, *a, **k: torch.linalg.vector_norm(x, *a, **k))
+    _norm = staticmethod(lambda x, *a, **k: x.norm(*a, **k))
+    _logsumexp = staticmethod(lambda x, *a, **k: torch.logsumexp(x, *a, **k))
+    _var = staticmethod(lambda x, *a, **k: x.var(*a, **k))
+    _std = staticmethod(lambda x, *a, **k: torch.std(x, *a, **k))
+    _var_mean = staticmethod(lambda x, *a, **k: torch.var_mean(x, *a, **k))
+    _all = staticmethod(lambda x, *a, **k: (x > -0.5).all(*a, **k))
+    _any = staticmethod(lambda x, *a, **k: torch.any(x > 1.0, *a, **k))
+    _softmax = staticmethod(lambda x, d: F.softmax(x, dim=d))
+    _torch_softmax = staticmethod(lambda x, d: torch.softmax(x, d))
+    _method_softmax = staticmethod(lambda x, d: x.softmax(d))
+    _log_softmax = staticmethod(lambda x, d: F.log_softmax(x, d))
+    _torch_log_softmax = staticmethod(lambda x, d: x.log_softmax(dim=d))
+    _softmax_f32 = staticmethod(lambda x, d: F.softmax(x, d, dtype=torch.float32).double())
+
+
+SOFTMAX = ("softmax", "torch_softmax", "method_softmax", "log_softmax", "torch_log_softmax")
+
+
+@hs.composite
+def reduction_ops(draw, shape):
+    nd = len(shape)
+    one = hs.integers(-nd, nd - 1)
+    many = hs.lists(hs.integers(0, nd - 1), min_size=1, max_size=nd, unique=True).map(tuple)
+    keep = draw(hs.booleans())
+    kind = draw(hs.sampled_from(["sum", "torch_sum", "mean", "nansum", "amax", "amin", "max",
+                                 "min", "argmax", "argmin", "vector_norm", "norm", "logsumexp",
+                                 "var", "std", "var_mean", "all", "any", *SOFTMAX]))
+    if kind in SOFTMAX:
+        return Op(kind, draw(one))
+    if kind in ("sum", "torch_sum", "mean", "nansum", "amax", "amin", "logsumexp"):
+        if kind != "logsumexp" and draw(hs.booleans()):
+            return Op(kind)
+        return Op(kind, draw(hs.one_of(one, many)), keepdim=keep)
+    if kind in ("max", "min", "argmax", "argmin"):
+        if draw(hs.booleans()):
+            return Op(kind) if kind in ("max", "min") or not keep else Op(kind, keepdim=True)
+        return Op(kind, draw(one), keepdim=keep)
+    if kind in ("vector_norm", "norm"):
+        ord = draw(hs.sampled_from([2, 1, 3, 0.5, math.inf, -math.inf, 0]))
+        if kind == "norm" and ord == 0.5:
+            ord = "fro"
+        dim = draw(hs.one_of(hs.none(), one, many))
+        return Op(kind, ord, dim, keepdim=keep)
+    if kind in ("var", "std", "var_mean"):
+        dim = draw(hs.one_of(hs.none(), one, many))
+        dims = range(nd) if dim is None else [dim] if isinstance(dim, int) else dim
+        count = math.prod(shape[d] for d in dims)   # degrees of freedom > 0, as torch asks
+        return Op(kind, dim, correction=draw(hs.integers(0, min(2, count - 1))), keepdim=keep)
+    return Op(kind, draw(one), keepdim=keep) if draw(hs.booleans()) else Op(kind)
+
+
+def _reduced_dims(op, nd):
+    if op.name in SOFTMAX:
+        return {op.a[0] % nd}
+    dim = op.a[1] if op.name in ("vector_norm", "norm") else (op.a[0] if op.a else None)
+    if dim is None:
+        return set(range(nd))
+    return {dim % nd} if isinstance(dim, int) else {d % nd for d in dim}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@given(data=hs.data())
+def test_reductions_match_serial(world, data):
+    shape = data.draw(shapes(max_dims=3, max_side=6))
+    spec = data.draw(specs(shape, world))
+    op = data.draw(reduction_ops(shape))
+    out_specs, kinds = run(world, check_op, shape, spec, op, data.draw(hs.integers(0, 2**16)))[0]
+    nspec = spec.normalize(shape)
+    over_shard = nspec.is_shard and nspec.dim in _reduced_dims(op, len(shape))
+    if nspec.is_replicate or (nspec.is_shard and not over_shard):
+        assert kinds == [], (op, kinds)           # local: no collective, forward or backward
+    if nspec.is_shard and not over_shard and op.name not in ("argmax", "argmin") and (
+            op.a or op.name in SOFTMAX):
+        assert out_specs[0].is_shard              # the shard survives
+    if over_shard and op.name in ("sum", "torch_sum", "mean", "nansum"):
+        assert kinds == [] and out_specs == [st.PartialSpec()]   # deferred all-reduce
+    if nspec.is_partial and op.name in ("sum", "torch_sum", "mean", "nansum"):
+        assert kinds == [] and out_specs == [st.PartialSpec()]
+
+
+# --- softmax over the sharded dim: Megatron's two all-reduces ---------------------------------
+
+def _softmax_comm(rank, shape):
+    pg = st.ProcessGroup()
+    n = pg.tp_world_size()
+    torch.manual_seed(5)
+    x = torch.randn(shape, dtype=torch.float64) * 10
+    x[0, 0] = -math.inf     # a masked entry
+    t = st.ShardedTensor.from_global(x, pg, st.ShardSpec(-1, n))
+    with st.CommTrace() as trace:
+        y = F.softmax(t, dim=-1)
+        z = torch.log_softmax(t, -1)
+    torch.testing.assert_close(y.full(), F.softmax(x, -1))
+    torch.testing.assert_close(z.full(), F.log_softmax(x, -1))
+    return y.spec, [(e.kind, e.phase) for e in trace.events]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_softmax_over_sharded_dim_two_all_reduces_and_keeps_the_shard(world):
+    spec, events = run(world, _softmax_comm, (3, 7))[0]
+    assert spec == st.ShardSpec(1, world)
+    assert events == [("all_reduce", "forward")] * 4
+
+
+def _max_indices_ties(rank):
+    """max/argmax over the sharded dim return the first global occurrence on ties."""
+    pg = st.ProcessGroup()
+    n = pg.tp_world_size()
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    t = st.ShardedTensor.from_global(x, pg, st.ShardSpec(1, n))
+    v, i = t.max(dim=1)
+    return v.full().tolist(), i.full().tolist(), t.argmax().full().item(), t.argmin(1).full().tolist()
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_max_indices_are_global_first_occurrences(world):
+    v, i, flat, amin = run(world, _max_indices_ties)[0]
+    assert v == [3.0, 2.0] and i == [1, 0] and flat == 1 and amin == [3, 0]
+
+
+def _clip_norm(rank):
+    """clip_grad_norm_ over sharded and plain gradients gives the serial total norm."""
+    pg = st.ProcessGroup()
+    n = pg.tp_world_size()
+    torch.manual_seed(6)
+    w, b = torch.randn(6, 5), torch.randn(5)
+    gw, gb = torch.randn(6, 5), torch.randn(5)
+    pw = torch.nn.Parameter(st.ShardedTensor.from_global(w, pg, st.ShardSpec(0, n)))
+    pb = torch.nn.Parameter(b.clone())
+    pw.grad = st.ShardedTensor.from_global(gw, pg, st.ShardSpec(0, n))
+    pb.grad = gb.clone()
+    with st.CommTrace() as trace:
+        total = torch.nn.utils.clip_grad_norm_([pw, pb], max_norm=1e9, foreach=False)
+    ref = torch.linalg.vector_norm(torch.stack([gw.norm(), gb.norm()]))
+    total = total.full() if isinstance(total, st.ShardedTensor) else total
+    torch.testing.assert_close(total, ref)
+    return trace.count("all_reduce")
+
+
+def test_clip_grad_norm_total_norm_is_global():
+    assert run(2, _clip_norm)[0] == 1
