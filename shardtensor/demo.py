@@ -30,7 +30,7 @@ def _rank(rank: int, world: int, steps: int, layers: int):
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
             step_time[name] += time.perf_counter() - t0
-            curves[name].append(float(loss.full() if isinstance(loss, st.ShardedTensor) else loss))
+            curves[name].append(float((loss.full() if isinstance(loss, st.ShardedTensor) else loss).detach()))
     worst = 0.0
     for p, q in zip(model.parameters(), serial.parameters()):
         worst = max(worst, ((p.full() - q).abs().max() / q.abs().max()).item())
