@@ -1,0 +1,94 @@
+"""Normalisation: F.layer_norm and F.rms_norm.
+
+Normalised dims not sharded (the input sharded on batch or sequence): the local op, with the
+weight and bias replicated (their gradients summed over the ranks). Normalised dims sharded
+(Megatron's hidden-sharded norms): the statistics are summed over the group, two-pass for the
+variance (mean first, then squared deviations: one more all-reduce than E[x^2]-E[x]^2, but no
+cancellation), and the weight and bias are used in the input's layout (a plain one is sliced
+locally). RMS norm written out in model code (`h.pow(2).mean(-1, keepdim=True)`, `rsqrt`) goes
+through the elementwise rules and the mean rule instead.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..collectives import copy_to_region
+from ._util import (REPLICA, ST, ShardSpec, allreduce_for_shards, group_of, materialize, rule,
+                    to_layout, wrap)
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _param(p, x_spec, nd, k, pg, func):
+    """Weight or bias (shape = the normalised shape) in the layout the local op needs."""
+    if p is None:
+        return None
+    if x_spec.is_shard and x_spec.dim >= nd - k:     # shard it like the input's normalised dims
+        return to_layout(p, ShardSpec(x_spec.dim - (nd - k), x_spec.degree, x_spec.stride), pg, func)
+    local = to_layout(p, REPLICA, pg, func)
+    # a replicated parameter applied to a sharded input: its gradient is a sum over the ranks
+    return copy_to_region(local, pg, func) if x_spec.is_shard else local
+
+
+def _norm_args(func, args, kwargs, names):
+    vals = dict(zip(("input", "normalized_shape") + names, args))
+    vals.update(kwargs)
+    return vals
+
+
+@rule(F.layer_norm, torch.layer_norm)
+def layer_norm(func, args, kwargs):
+    v = _norm_args(func, args, kwargs, ("weight", "bias", "eps"))
+    x, shape = v["input"], tuple(v["normalized_shape"])
+    w, b, eps = v.get("weight"), v.get("bias"), v.get("eps", 1e-5)
+    pg = group_of(func, x, w, b)
+    xs = x._spec if type(x) is ST else REPLICA
+    local = materialize(x, func) if type(x) is ST else x
+    if xs.is_partial:
+        xs = REPLICA
+    g = x._gshape if type(x) is ST else x.shape
+    nd, k = len(g), len(shape)
+    wl, bl = _param(w, xs, nd, k, pg, func), _param(b, xs, nd, k, pg, func)
+    if not (xs.is_shard and xs.dim >= nd - k):
+        return wrap(F.layer_norm(local, shape, wl, bl, eps), xs, pg, g)
+    dims = tuple(range(nd - k, nd))
+    count = math.prod(shape)
+    h = local.float() if local.dtype in _LOW else local
+    mean = allreduce_for_shards(h.sum(dims, keepdim=True), pg, func) / count
+    c = h - mean
+    var = allreduce_for_shards((c * c).sum(dims, keepdim=True), pg, func) / count
+    y = c * torch.rsqrt(var + eps)
+    y = y.to(local.dtype)
+    if wl is not None:
+        y = y * wl
+    if bl is not None:
+        y = y + bl
+    return wrap(y, xs, pg, g)
+
+
+if hasattr(F, "rms_norm"):
+    @rule(F.rms_norm, *([torch.rms_norm] if hasattr(torch, "rms_norm") else []))
+    def rms_norm(func, args, kwargs):
+        v = _norm_args(func, args, kwargs, ("weight", "eps"))
+        x, shape = v["input"], tuple(v["normalized_shape"])
+        w, eps = v.get("weight"), v.get("eps")
+        pg = group_of(func, x, w)
+        xs = x._spec if type(x) is ST else REPLICA
+        local = materialize(x, func) if type(x) is ST else x
+        if xs.is_partial:
+            xs = REPLICA
+        g = x._gshape if type(x) is ST else x.shape
+        nd, k = len(g), len(shape)
+        wl = _param(w, xs, nd, k, pg, func)
+        if not (xs.is_shard and xs.dim >= nd - k):
+            return wrap(F.rms_norm(local, shape, wl, eps), xs, pg, g)
+        if eps is None:
+            eps = torch.finfo(local.dtype).eps
+        dims = tuple(range(nd - k, nd))
+        h = local.float() if local.dtype in _LOW else local
+        ms = allreduce_for_shards((h * h).sum(dims, keepdim=True), pg, func) / math.prod(shape)
+        y = (h * torch.rsqrt(ms + eps)).to(local.dtype)
+        return wrap(y if wl is None else y * wl, xs, pg, g)

@@ -1,0 +1,102 @@
+"""Normalisation rules (ops/norm.py) and the RMS-norm pattern models write out, against serial
+torch: output, input gradient and weight/bias gradients, over random layouts."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as hs
+
+import shardtensor as st
+from shardtensor.testing import run
+from strategies import WORLDS, shapes, specs
+
+
+def _layout_param(p, how, x_spec, nd, k, pg):
+    """The weight/bias as the test asks: plain, replicated, or sharded like the input."""
+    if how == "plain" or p is None:
+        return p
+    if how == "replica" or not (x_spec.is_shard and x_spec.dim >= nd - k):
+        return st.ShardedTensor.from_global(p, pg, st.ReplicaSpec())
+    return st.ShardedTensor.from_global(
+        p, pg, st.ShardSpec(x_spec.dim - (nd - k), x_spec.degree, x_spec.stride))
+
+
+def _rms_pattern(h, weight, eps):
+    """Llama's / T5's RMSNorm forward, written out."""
+    dtype = h.dtype
+    h = h.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+def _norm(rank, shape, spec, k, kind, how, affine, seed):
+    pg = st.ProcessGroup()
+    torch.manual_seed(seed)
+    dtype = torch.float32 if kind == "pattern" else torch.float64
+    x = (torch.randn(shape, dtype=dtype) * 3 + 1).requires_grad_()
+    nshape = tuple(shape[len(shape) - k:])
+    w = (torch.randn(nshape, dtype=dtype) if affine else None)
+    b = (torch.randn(nshape, dtype=dtype) if affine and kind == "layer" else None)
+    params = [p.requires_grad_() for p in (w, b) if p is not None]
+    t = st.ShardedTensor.from_global(x, pg, spec)
+    nspec = t.spec
+    tw = _layout_param(w, how, nspec, len(shape), k, pg)
+    tb = _layout_param(b, how, nspec, len(shape), k, pg)
+
+    def apply(xx, ww, bb):
+        if kind == "layer":
+            return F.layer_norm(xx, nshape, ww, bb, 1e-5)
+        if kind == "rms":
+            return F.rms_norm(xx, nshape, ww, 1e-6)
+        return _rms_pattern(xx, ww, 1e-6)
+
+    with st.CommTrace() as trace:
+        out = apply(t, tw, tb)
+    fwd = [e.kind for e in trace.events if e.op not in ("from_global",)]
+    ref_x = x.detach().clone().requires_grad_()
+    ref_p = [p.detach().clone().requires_grad_() for p in params]
+    ref = apply(ref_x, *(ref_p + [None] * (2 - len(ref_p))))
+    g = torch.randn(ref.shape, dtype=dtype)
+    (out.full() * g).sum().backward()
+    (ref * g).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out.full(), ref.detach(), **tol)
+    torch.testing.assert_close(x.grad, ref_x.grad, **tol)
+    for p, rp in zip(params, ref_p):
+        torch.testing.assert_close(p.grad, rp.grad, **tol)
+    return out.spec, fwd
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@given(data=hs.data())
+def test_norms_match_serial(world, kind, data):
+    shape = data.draw(shapes(min_dims=1, max_dims=3, min_side=1, max_side=7))
+    spec = data.draw(specs(shape, world))
+    k = data.draw(hs.integers(1, len(shape)))
+    how = data.draw(hs.sampled_from(["plain", "replica", "sharded"]))
+    affine = data.draw(hs.booleans())
+    ospec, fwd = run(world, _norm, shape, spec, k, kind, how, affine,
+                     data.draw(hs.integers(0, 2**16)))[0]
+    n = spec.normalize(shape)
+    assert ospec == (st.ReplicaSpec() if n.is_partial else n)
+    if n.is_shard and n.dim < len(shape) - k:
+        assert fwd == []                        # normalised dims whole on every rank: local
+    if n.is_shard and n.dim >= len(shape) - k and world > 1:
+        assert fwd == ["all_reduce"] * (2 if kind == "layer" else 1)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@given(data=hs.data())
+def test_rms_norm_pattern_matches_serial(world, data):
+    """`h.to(float32).pow(2).mean(-1, keepdim=True)`, `rsqrt`: elementwise rules + the mean rule."""
+    shape = data.draw(shapes(min_dims=2, max_dims=3, min_side=1, max_side=7))
+    spec = data.draw(specs(shape, world, partial=False))
+    ospec, fwd = run(world, _norm, shape, spec, 1, "pattern", "sharded", True,
+                     data.draw(hs.integers(0, 2**16)))[0]
+    n = spec.normalize(shape)
+    assert ospec == n
+    if n.is_shard and n.dim == len(shape) - 1 and world > 1:
+        assert fwd == ["all_reduce"]             # the mean over the hidden shards, once
+    elif world > 1:
+        assert fwd == []
