@@ -6,10 +6,12 @@ pure and cached (`_plan`): split the work along one label L, or keep a pending p
   replicated; the output is sharded on L. Column-parallel linear is L = out features.
 - L contracted: both operands sharded on L, the output is a PartialSpec (row-parallel linear).
 - A partial operand times a replicated one stays partial (the product is linear in it).
-The plan with the least traffic (forward and backward) plus per-rank compute wins (so a sharded
-weight is not gathered to save a little traffic); ties keep the layouts as they are. A replicated operand used whole by split work gets Megatron's f (`copy_to_region`:
-identity forward, all-reduce of its gradient backward). A bias is added to a sharded output
-shard-wise; a partial output is reduced first and the bias added once (replicated output).
+A plan with no forward communication wins; among those, or otherwise, the one with the least
+traffic (forward and backward, a partial output counted as its future all-reduce) plus per-rank
+compute (so a sharded weight is not gathered to save a little traffic). A replicated operand
+used whole by split work gets Megatron's f (`copy_to_region`: identity forward, all-reduce of
+its gradient backward). A bias is added to a sharded output shard-wise; a partial output is
+reduced first and the bias added once (replicated output).
 """
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ def _move_cost(src, dst, n: int, d: int, grad: bool) -> float:
     return 2 * n if dst.is_replicate else n + (n if grad else 0)   # partial: all-reduce / r-s
 
 
+def _moves_forward(src, dst) -> bool:
+    """Does moving from `src` to `dst` communicate in the forward pass?"""
+    return src != dst and not src.is_replicate and not (src.is_shard and dst.is_partial)
+
+
 @lru_cache(maxsize=4096)
 def _plan(la: Labels, lb: Labels, lo: Labels, sa, sb, sizes: Tuple[Tuple[str, int], ...],
           na: int, nb: int, rga: bool, rgb: bool, d: int):
@@ -73,17 +80,24 @@ def _plan(la: Labels, lb: Labels, lo: Labels, sa, sb, sizes: Tuple[Tuple[str, in
         cands.append((PARTIAL, REPLICA, PARTIAL))
     if sb.is_partial:
         cands.append((REPLICA, PARTIAL, PARTIAL))
-    best, best_cost = None, None
+    no = 1
+    for lab in lo:
+        no *= size[lab]
+    best, best_key = None, None
     for ta, tb, to in cands:
         split = not to.is_replicate
         ca, cb = split and ta.is_replicate and rga, split and tb.is_replicate and rgb
-        # elements communicated + multiply-adds per rank: split work is worth a little traffic
+        # elements communicated (a partial output will be all-reduced sooner or later) plus
+        # multiply-adds per rank: split work is worth a little traffic
         cost = (_move_cost(sa, ta, na, d, rga) + _move_cost(sb, tb, nb, d, rgb)
-                + 2 * na * ca + 2 * nb * cb + (flops / d if split else flops))
-        # ties: prefer the plan that keeps both operands where they are
-        key = (cost, (sa != ta) + (sb != tb))
-        if best_cost is None or key < best_cost:
-            best, best_cost = (ta, tb, ca, cb, to), key
+                + 2 * na * ca + 2 * nb * cb + 2 * no * to.is_partial
+                + (flops / d if split else flops))
+        # a plan with no forward communication always wins: it computes where the operands
+        # already are, or slices a replicated one locally (Megatron's column and row parallel
+        # layers, attention with heads sharded on both sides)
+        key = (_moves_forward(sa, ta) or _moves_forward(sb, tb), cost)
+        if best_key is None or key < best_key:
+            best, best_key = (ta, tb, ca, cb, to), key
     return best
 
 
