@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from ..collectives import copy_to_region
 from ..spec import take_shard
-from ._util import (PARTIAL, REPLICA, ST, ShardingError, ShardSpec, materialize, rule,
-                    to_layout, wrap)
+from ._util import (PARTIAL, REPLICA, ST, ShardingError, ShardSpec, group_of, materialize,
+                    rule, to_layout, wrap)
 from ..dispatch import UnsupportedOpError
 from .. import trace as _trace
 
@@ -126,8 +126,8 @@ def _plan(lin, inplace, desc):
                          (REPLICA if i in partial else None, True) for i in range(len(desc)))
             return PARTIAL, out_shape, acts
 
-    if inplace and specs[0] is not None:
-        target = REPLICA if specs[0].is_partial else specs[0]
+    if inplace:
+        target = REPLICA if specs[0] is None or specs[0].is_partial else specs[0]
     else:
         weights = {}
         for _, sp, s in desc:
@@ -186,7 +186,6 @@ def _generic(func, args, kwargs):
             if pg is None:
                 pg = v._pg
             elif v._pg is not pg and v._pg != pg:
-                from ._util import group_of
                 group_of(func, *(v for _, v in ops))
         else:
             desc.append((p, None, v.shape))
@@ -344,7 +343,6 @@ def copy_(func, args, kwargs):
     dst = args[0]
     src = args[1] if len(args) > 1 else kwargs["src"]
     if type(dst) is ST and dst._spec.is_partial:
-        from ._util import group_of
         pg = group_of(func, dst, src)
         loc = to_layout(src, PARTIAL, pg, func)
         rest = args[2:]

@@ -1,0 +1,163 @@
+"""`torch._foreach_*`: the optimizers' and `clip_grad_norm_`'s multi-tensor ops.
+
+Rows (the i-th tensor of every list) whose tensors share one layout, or are all plain, run in a
+single local `_foreach` call over the unwrapped shards: no communication, one kernel launch as
+serially. Any other row (mixed layouts, a partial value meeting a non-linear op) goes through
+the single-tensor elementwise rule of the same op. `_foreach_norm` of a sharded tensor is a
+global reduction: one all-reduce of the local sums of |x|^p for all sharded tensors together
+(an all-gather of local maxima for the inf-norms); it returns replicated 0-dim results.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..collectives import gather_from_region, reduce_from_region
+from ._util import REPLICA, ST, ShardSpec, materialize, rule, wrap
+
+T = torch.Tensor
+Tensor = torch.Tensor
+
+_UNARY = """abs acos asin atan ceil cos cosh erf erfc exp expm1 floor frac lgamma log log10 log1p
+            log2 neg reciprocal round rsqrt sigmoid sign sin sinh sqrt tan tanh trunc""".split()
+_OTHER = "add sub mul div maximum minimum clamp_min clamp_max pow addcmul addcdiv lerp".split()
+
+# foreach function -> (single-tensor function, in place?, single function is in place?)
+_SINGLE = {}
+for _name in _UNARY + _OTHER:
+    for _ip in (False, True):
+        _f = getattr(torch, f"_foreach_{_name}{'_' if _ip else ''}", None)
+        if _f is None:
+            continue
+        _s = getattr(T, _name + "_", None) if _ip else getattr(torch, _name)
+        _SINGLE[_f] = (_s or getattr(torch, _name), _ip, _s is not None)
+_SINGLE[torch._foreach_zero_] = (T.zero_, True, True)
+_SINGLE[torch._foreach_copy_] = (T.copy_, True, True)
+if hasattr(torch, "_foreach_clone"):
+    _SINGLE[torch._foreach_clone] = (torch.clone, False, False)
+
+_SCALARS = (torch._foreach_addcmul, torch._foreach_addcmul_, torch._foreach_addcdiv,
+            torch._foreach_addcdiv_)
+
+
+def _is_list(a):
+    return isinstance(a, (list, tuple))
+
+
+@rule(*_SINGLE)
+def foreach(func, args, kwargs):
+    """One local `_foreach` call for the rows whose tensors share a layout; the rest row by row
+    through the single-tensor rules."""
+    single, inplace, single_inplace = _SINGLE[func]
+    lists = [i for i, a in enumerate(args) if _is_list(a)]
+    tlists = [i for i in lists if args[i] and isinstance(args[i][0], Tensor)]
+    selfs = args[tlists[0]]
+    n = len(selfs)
+    # non-list tensor arguments (a 0-dim scale, a 1-D tensor of scalars) as local tensors
+    fast_args = list(args)
+    grad = torch.is_grad_enabled()
+    slow_all = False
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor):
+            if type(a) is ST and a._spec.is_shard:
+                slow_all = True
+            else:
+                fast_args[i] = materialize(a, func)
+            if grad and a.requires_grad:
+                slow_all = True
+    scal = {i: fast_args[i] for i, a in enumerate(args) if isinstance(a, Tensor)}
+    fast, slow = [], []
+    for r in range(n):
+        s = selfs[r]
+        if slow_all:
+            slow.append(r)
+        elif type(s) is ST:
+            sp, sh, pg = s._spec, s._gshape, s._pg
+            ok = not sp.is_partial
+            for li in tlists:
+                t = args[li][r]
+                if type(t) is not ST or t._spec != sp or t._gshape != sh or t._pg is not pg:
+                    ok = False
+                    break
+            (fast if ok else slow).append(r)
+        elif all(type(args[li][r]) is not ST for li in tlists):
+            fast.append(r)
+        else:
+            slow.append(r)
+
+    out = [None] * n
+    if fast:
+        everything = len(fast) == n
+        for i in lists:
+            a = args[i]
+            rows = a if everything else [a[r] for r in fast]
+            fast_args[i] = [x._local if type(x) is ST else x for x in rows] if i in tlists else rows
+        res = func(*fast_args, **kwargs)
+        if not inplace:
+            for r, loc in zip(fast, res):
+                s = selfs[r]
+                out[r] = wrap(loc, s._spec, s._pg, s._gshape) if type(s) is ST else loc
+    for r in slow:
+        row = []
+        kw = dict(kwargs)
+        for i, a in enumerate(args):
+            v = a[r] if _is_list(a) else scal.get(i, a)
+            if func in _SCALARS and i == 3:
+                if isinstance(v, Tensor):
+                    v = (v[r] if v.dim() else v).item()
+                kw["value"] = v
+                continue
+            row.append(v)
+        if func in _SCALARS and "scalars" in kw:
+            sc = kw.pop("scalars")
+            kw["value"] = sc[r].item() if isinstance(sc, Tensor) else sc[r]
+        if inplace and not single_inplace:  # e.g. _foreach_maximum_: no Tensor.maximum_
+            T.copy_(row[0], single(*row, **kw))
+        else:
+            out[r] = single(*row, **kw)
+    return list(selfs) if inplace else out
+
+
+@rule(torch._foreach_norm)
+def foreach_norm(func, args, kwargs):
+    """Per-tensor norms. Sharded tensors need the whole tensor's norm: the local sums of |x|^p
+    of all of them are reduced together in one all-reduce (local maxima all-gathered for
+    +-inf). Replicated and plain tensors are normed locally; partial ones are reduced first."""
+    tensors = args[0]
+    ord = args[1] if len(args) > 1 else kwargs.get("ord", 2)
+    dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
+    p = float(ord)
+    n = len(tensors)
+    out = [None] * n
+    local_rows, shard_rows = [], {}
+    for r, t in enumerate(tensors):
+        if type(t) is ST and t._spec.is_shard:
+            shard_rows.setdefault(id(t._pg), []).append(r)
+        else:
+            local_rows.append(r)
+    if local_rows:
+        locs = [materialize(tensors[r], func) for r in local_rows]
+        res = torch._foreach_norm(locs, ord, dtype=dtype)
+        for r, v in zip(local_rows, res):
+            t = tensors[r]
+            out[r] = wrap(v, REPLICA, t._pg, torch.Size()) if type(t) is ST else v
+    for rows in shard_rows.values():
+        pg = tensors[rows[0]]._pg
+        locs = [tensors[r]._local for r in rows]
+        if math.isinf(p):
+            def ext(x, big=p > 0):
+                if x.numel() == 0:  # the identity of max |x| is 0, of min |x| is inf
+                    return x.new_full((), 0.0 if big else math.inf, dtype=dtype or x.dtype)
+                return torch.linalg.vector_norm(x, p, dtype=dtype)
+            mine = torch.stack([ext(x) for x in locs])
+            d, k = pg.tp_world_size(), len(rows)
+            every = gather_from_region(mine, ShardSpec(0, d), d * k, pg, func).view(d, k)
+            norms = every.amax(0) if p > 0 else every.amin(0)
+        else:
+            sums = torch.stack(torch._foreach_powsum(locs, ord, dtype=dtype))
+            sums = reduce_from_region(sums, pg, func, inplace=not sums.requires_grad)
+            norms = sums if p == 0 else sums.pow(1.0 / p)
+        for r, v in zip(rows, norms.unbind(0)):
+            out[r] = wrap(v, REPLICA, pg, torch.Size())
+    return out
