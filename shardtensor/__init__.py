@@ -9,6 +9,8 @@ from .annotate import parallelize, replicate, shard_param, split_col, split_row
 from .plans import register_plan
 from .launch import launch
 from .explain import explain
+from .checkpoint import CheckpointError, full_state_dict, load, save
+from .hf import load_pretrained
 from .data_parallel import data_parallel
 
 __version__ = "0.1.0"
@@ -18,4 +20,5 @@ __all__ = [
     "ProcessGroup", "Topology", "init_distributed",
     "ShardedTensor", "CommTrace", "CommEvent", "UnsupportedOpError", "ShardingError", "config",
     "rule", "parallelize", "register_plan", "split_row", "split_col", "replicate", "shard_param", "launch", "explain", "data_parallel",
+    "save", "load", "full_state_dict", "load_pretrained", "CheckpointError",
 ]

@@ -1,0 +1,169 @@
+"""Loading a serial HuggingFace checkpoint straight into a parallelized model.
+
+Build the model on the meta device, parallelize it (layouts only, no memory), then
+`load_pretrained(model, directory)`: each rank reads only the byte ranges of its own shards from
+`model.safetensors` (or the files `model.safetensors.index.json` maps) and materialises them on
+the CPU. Buffers left on the meta device (non-persistent ones such as rotary `inv_freq` or
+`position_ids`, or persistent ones the checkpoint lacks) are recomputed by the model's own
+`_init_weights` (HF models), and loading fails if that does not fill them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .checkpoint import (CheckpointError, SafetensorsFile, Target, _checked, _overlap, blocks,
+                         last_load, unique_tensors)
+from .tensor import ShardedTensor, wrap
+
+__all__ = ["load_pretrained"]
+
+
+def _weight_map(directory: str) -> Dict[str, str]:
+    idx = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(idx):
+        with open(idx) as f:
+            return dict(json.load(f)["weight_map"])
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(single):
+        f = SafetensorsFile(single)
+        f.close()
+        return {k: "model.safetensors" for k in f.entries}
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory} "
+                          f"(pickled pytorch_model.bin checkpoints are not loaded: no pickle)")
+
+
+def _find(names: List[str], weight_map, prefix: str):
+    for n in names:
+        for key in (n, n[len(prefix) + 1:] if prefix and n.startswith(prefix + ".") else None,
+                    f"{prefix}.{n}" if prefix else None):
+            if key and key in weight_map:
+                return key
+    return None
+
+
+def _sentinel(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype.is_floating_point:
+        return torch.full(t.shape, float("nan"), dtype=t.dtype)
+    if t.dtype == torch.bool:
+        return torch.zeros(t.shape, dtype=t.dtype)
+    return torch.full(t.shape, torch.iinfo(t.dtype).min, dtype=t.dtype)
+
+
+def _unfilled(t: torch.Tensor) -> bool:
+    if t.dtype.is_floating_point:
+        return bool(torch.isnan(t).any())
+    if t.dtype == torch.bool:
+        return False
+    return bool((t == torch.iinfo(t.dtype).min).any())
+
+
+def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
+    """Collective: fill `model` (parallelized, parameters possibly on the meta device) from the
+    HuggingFace `save_pretrained` directory, each rank reading only its slices; meta parameters
+    are materialised on the CPU (tied ones stay tied) and meta buffers recomputed. Returns
+    {"unexpected": checkpoint keys the model has no use for, "reinitialised": buffers
+    recomputed}. Raises CheckpointError on every rank, changing nothing, on a missing parameter
+    or a shape mismatch."""
+    tensors, aliases = unique_tensors(model.state_dict(keep_vars=True))
+    names: Dict[str, List[str]] = {n: [n] for n in tensors}
+    for a, n in aliases.items():
+        names[n].append(a)
+    param_ids = {id(p) for p in model.parameters()}
+    prefix = getattr(model, "base_model_prefix", "")
+    files: Dict[str, SafetensorsFile] = {}
+
+    def prepare():
+        weight_map = _weight_map(directory)
+        staged, used, missing_params = {}, set(), []
+        for name, t in tensors.items():
+            key = _find(names[name], weight_map, prefix)
+            if key is None:
+                if id(t) in param_ids:
+                    missing_params.append(name)
+                continue  # a persistent buffer the checkpoint lacks: recomputed below
+            used.add(key)
+            fname = weight_map[key]
+            if fname not in files:
+                files[fname] = SafetensorsFile(os.path.join(directory, fname))
+            f = files[fname]
+            if key not in f.entries:
+                raise CheckpointError(f"{f.path} has no tensor {key!r} (its index says it has)")
+            tgt = Target(name, t)
+            if f.entries[key][1] != tgt.shape:
+                raise CheckpointError(f"{f.path}: tensor {key!r} has shape "
+                                      f"{list(f.entries[key][1])}, the model's {name!r} is "
+                                      f"{list(tgt.shape)}")
+            buf = torch.empty(tgt.local_shape(), dtype=tgt.dtype)
+            for tb in blocks(tgt.shape, tgt.spec, tgt.rank):
+                box = _overlap(tgt.shape, tb, (None, 0, 0, 0))
+                part = f.read(key, [(s0, n) for _, s0, n in box])
+                buf[tuple(slice(t0, t0 + n) for t0, _, n in box)].copy_(part)  # casts dtype
+            staged[name] = buf
+        if missing_params:
+            raise CheckpointError(f"{directory} does not hold the model's parameters "
+                                  f"{missing_params[:5]}{' ...' if len(missing_params) > 5 else ''}"
+                                  f" ({len(missing_params)} missing)")
+        return staged, sorted(set(weight_map) - used)
+    try:
+        staged, unexpected = _checked(prepare)
+    finally:
+        last_load.update(bytes_read=sum(f.bytes_read for f in files.values()), files=sorted(files))
+        for f in files.values():
+            f.close()
+
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name in staged:
+                _fill(t, staged.pop(name))
+        reinit = _materialise_buffers(model)
+    return {"unexpected": unexpected, "reinitialised": reinit}
+
+
+def _fill(t: torch.Tensor, buf: torch.Tensor) -> None:
+    """Put `buf` (this rank's local piece) into `t`: in place, or by materialising a meta `t`
+    in place (the same Python object, so tied names stay tied)."""
+    if not t.is_meta:
+        (t._local if isinstance(t, ShardedTensor) else t).copy_(buf)
+        return
+    requires_grad = t.requires_grad
+    new = wrap(buf, t._spec, t._pg, t._gshape, t._compute_spec) if isinstance(t, ShardedTensor) else buf
+    if isinstance(t, nn.Parameter):
+        new = nn.Parameter(new, requires_grad=requires_grad)
+    elif isinstance(new, ShardedTensor):
+        new._local.requires_grad_(requires_grad)
+    torch.utils.swap_tensors(t, new)
+
+
+def _materialise_buffers(model: nn.Module) -> List[str]:
+    """Meta buffers -> CPU, recomputed by the model's `_init_weights` (with every parameter
+    marked initialised, so HF's init functions leave them alone)."""
+    todo = []
+    for mname, mod in model.named_modules():
+        metas = [b for b, v in mod._buffers.items() if v is not None and v.is_meta]
+        for b in metas:
+            mod._buffers[b] = _sentinel(mod._buffers[b])
+            todo.append((f"{mname}.{b}" if mname else b, mod, b))
+    if not todo:
+        return []
+    init = getattr(model, "_init_weights", None)
+    if init is not None:
+        flagged = [p for p in model.parameters() if not getattr(p, "_is_hf_initialized", False)]
+        for p in flagged:
+            p._is_hf_initialized = True
+        try:
+            for mod in {id(m): m for _, m, _ in todo}.values():
+                init(mod)
+        finally:
+            for p in flagged:
+                del p._is_hf_initialized
+    bad = [n for n, m, b in todo if _unfilled(m._buffers[b])]
+    if bad:
+        raise CheckpointError(f"buffers {bad} were on the meta device, are not in the checkpoint, "
+                              f"and the model's _init_weights did not recompute them; build the "
+                              f"model with buffers off the meta device")
+    return [n for n, _, _ in todo]
