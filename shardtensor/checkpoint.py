@@ -26,21 +26,21 @@ either the previous checkpoint at `<path>` or, between the two renames, at `<pat
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import math
 import os
 import shutil
 import struct
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .checkpoint_io import (CheckpointError, SafetensorsFile, checked, fsync_dir, gather_bytes,
+                            overlap, world_info, write_durable, agree, blocks, dtype_name,
+                            sha256_file, spec_to_json)
 from .groups import ProcessGroup
-from .spec import ReplicaSpec, ShardSpec, local_shape, shard_ranges
+from .spec import ReplicaSpec, local_shape
 from .tensor import ShardedTensor
 
 __all__ = ["save", "load", "full_state_dict", "CheckpointError"]
@@ -54,215 +54,6 @@ last_load: dict = {}
 # Test hook: called as _crash_hook(stage) at "shards_written" and "swapping"; crash tests make it
 # sleep there and kill the process.
 _crash_hook = None
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or loaded as asked (raised on every rank alike)."""
-
-
-# --- the world: rank, size, and agreeing on an error -------------------------------------------
-
-def _world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _device():
-    return "cuda" if dist.get_backend() == "nccl" else "cpu"
-
-
-def _gather_bytes(data: bytes, size: int) -> List[bytes]:
-    """Every rank's `data` (at most `size` bytes), on every rank. No pickle."""
-    buf = torch.zeros(size + 4, dtype=torch.uint8)
-    data = data[:size]
-    buf[:4] = torch.tensor(list(struct.pack("<I", len(data))), dtype=torch.uint8)
-    if data:
-        buf[4:4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    buf = buf.to(_device())
-    out = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, buf)
-    res = []
-    for t in out:
-        raw = bytes(t.cpu().tolist())
-        (n,) = struct.unpack("<I", raw[:4])
-        res.append(raw[4:4 + n])
-    return res
-
-
-def agree(error: Optional[str]) -> None:
-    """Collective: raise CheckpointError on every rank if any rank has an `error` message."""
-    rank, world = _world()
-    if world == 1:
-        if error:
-            raise CheckpointError(error)
-        return
-    msgs = _gather_bytes((error or "").encode()[:4000], 4000)
-    bad = [(r, m.decode(errors="replace")) for r, m in enumerate(msgs) if m]
-    if bad:
-        r, msg = bad[0]
-        also = f" (ranks {[b[0] for b in bad]} failed)" if len(bad) > 1 else ""
-        raise CheckpointError(f"{msg} [rank {r}{also}]")
-
-
-def _checked(fn, *args):
-    """Run fn(*args) and agree on its failure over the world; returns its result."""
-    err, out = None, None
-    try:
-        out = fn(*args)
-    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
-        err = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
-    agree(err)
-    return out
-
-
-# --- layouts as blocks of global index ranges ---------------------------------------------------
-
-def spec_to_json(spec) -> dict:
-    if spec.is_shard:
-        return {"type": "shard", "dim": spec.dim, "degree": spec.degree, "stride": spec.stride}
-    return {"type": "replicate"}
-
-
-def blocks(shape: Sequence[int], spec, rank: int) -> List[Tuple[Optional[int], int, int, int]]:
-    """This rank's piece as (dim, global start, length, local start) blocks; dim None = all."""
-    if not spec.is_shard:
-        return [(None, 0, 0, 0)]
-    out, lo = [], 0
-    for start, n in shard_ranges(shape[spec.dim], spec.degree, spec.stride, rank):
-        out.append((spec.dim, start, n, lo))
-        lo += n
-    return out
-
-
-def _overlap(shape, tgt, src):
-    """Boxes (per dim: target local start, source local start, length) where blocks meet."""
-    box = []
-    for d, n in enumerate(shape):
-        lo, hi, t0, s0 = 0, n, 0, 0
-        if tgt[0] == d:
-            lo, hi = max(lo, tgt[1]), min(hi, tgt[1] + tgt[2])
-        if src[0] == d:
-            lo, hi = max(lo, src[1]), min(hi, src[1] + src[2])
-        if hi <= lo:
-            return None
-        t0 = lo - tgt[1] + tgt[3] if tgt[0] == d else lo
-        s0 = lo - src[1] + src[3] if src[0] == d else lo
-        box.append((t0, s0, hi - lo))
-    return box
-
-
-# --- safetensors files: write whole, read byte ranges -------------------------------------------
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-class SafetensorsFile:
-    """A safetensors file's header, and reads of boxes of its tensors with positioned reads."""
-
-    def __init__(self, path: str):
-        self.path, self.bytes_read, self.fd = path, 0, None
-        try:
-            self.fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint file {path} is missing") from None
-        size = os.fstat(self.fd).st_size
-        try:
-            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-            if n > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(os.pread(self.fd, n, 8))
-            self.base = 8 + n
-            self.entries = {}
-            for key, e in header.items():
-                if key == "__metadata__":
-                    continue
-                b, end = e["data_offsets"]
-                dt, shape = _DTYPES[e["dtype"]], tuple(e["shape"])
-                if end - b != math.prod(shape) * dt.itemsize or self.base + end > size:
-                    raise ValueError(f"tensor {key!r} lies outside the file (truncated?)")
-                self.entries[key] = (dt, shape, self.base + b)
-        except (ValueError, KeyError, TypeError, struct.error) as e:
-            self.close()
-            raise CheckpointError(f"checkpoint file {path} is not a valid safetensors file: {e}") from None
-
-    def read(self, key: str, box: Sequence[Tuple[int, int]]) -> torch.Tensor:
-        """The sub-tensor [start:start+len per dim] of tensor `key`, reading only its bytes."""
-        dt, shape, base = self.entries[key]
-        es = dt.itemsize
-        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-        out = torch.empty([n for _, n in box], dtype=dt)
-        if out.numel() == 0:
-            return out
-        raw = out.view(-1).view(torch.uint8).numpy()
-        # the run: the last dims the box covers fully, plus the first partial dim before them
-        j = len(shape) - 1
-        while j >= 0 and box[j][0] == 0 and box[j][1] == shape[j]:
-            j -= 1
-        if j < 0:
-            self._pread(raw, base)
-            return out
-        run = box[j][1] * strides[j] * es
-        first = base + sum(s * st for (s, _), st in zip(box, strides)) * es
-        last = base + sum((s + n - 1) * st for (s, n), st in zip(box, strides)) * es
-        span = last + es - first
-        if span <= 2 * raw.nbytes:  # dense enough: one read, then a strided view
-            flat = torch.empty(span // es, dtype=dt)
-            self._pread(flat.view(torch.uint8).numpy(), first)
-            out.copy_(flat.as_strided(out.shape, strides))
-            return out
-        pos = 0
-        for idx in itertools.product(*[range(s, s + n) for s, n in box[:j]]):
-            off = base + (sum(i * st for i, st in zip(idx, strides)) + box[j][0] * strides[j]) * es
-            self._pread(raw[pos:pos + run], off)
-            pos += run
-        return out
-
-    def _pread(self, buf, offset: int) -> None:
-        mv = memoryview(buf).cast("B")
-        self.bytes_read += len(mv)
-        done = 0
-        while done < len(mv):
-            n = os.preadv(self.fd, [mv[done:]], offset + done)
-            if n <= 0:
-                raise CheckpointError(f"checkpoint file {self.path} ended early (truncated?)")
-            done += n
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_durable(path: str, data: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- what a model or state dict holds ------------------------------------------------------------
@@ -305,7 +96,7 @@ def unique_tensors(state: Dict[str, object]) -> Tuple[Dict[str, torch.Tensor], D
     return tensors, aliases
 
 
-def _pg_of(tensors) -> Optional[ProcessGroup]:
+def pg_of(tensors) -> Optional[ProcessGroup]:
     return next((t._pg for t in tensors if isinstance(t, ShardedTensor)), None)
 
 
@@ -325,13 +116,21 @@ def save(obj, path: str, *, model: Optional[nn.Module] = None) -> None:
         state = obj.state_dict(keep_vars=True) if isinstance(obj, nn.Module) else dict(obj)
         tensors, aliases = unique_tensors(state)
         entries = [Entry(n, t) for n, t in tensors.items()]
-        kind, pg = "model", _pg_of(tensors.values())
+        kind, pg = "model", pg_of(tensors.values())
     write(entries, aliases, path, kind, extra, pg)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with storage of its own (safetensors refuses shared storage)."""
+    t = t.detach().to("cpu")
+    if not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def write(entries: List[Entry], aliases: Dict[str, str], path: str, kind: str, extra: dict,
           pg: Optional[ProcessGroup]) -> None:
-    rank, world = _world()
+    rank, world = world_info()
     if pg is not None and pg.topology.pp_degree > 1:
         raise NotImplementedError("shardtensor.save: pipeline-parallel groups are not supported yet")
     tp_rank, tp = (pg.tp_local_rank(), pg.tp_world_size()) if pg else (0, 1)
@@ -345,7 +144,7 @@ def write(entries: List[Entry], aliases: Dict[str, str], path: str, kind: str, e
                                   f"checkpoint; refusing to replace it")
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
         os.makedirs(tmp)
-    _checked(prepare if rank == 0 else (lambda: None))
+    checked(prepare if rank == 0 else (lambda: None))
 
     name = f"tp{tp_rank:05d}-of-{tp:05d}.safetensors"
     meta = json.dumps([[e.name, e.meta()] for e in entries] + [aliases, kind], sort_keys=True)
@@ -353,19 +152,18 @@ def write(entries: List[Entry], aliases: Dict[str, str], path: str, kind: str, e
 
     def write_shards():
         from safetensors.torch import save as st_save
-        mine = {e.name: e.local.detach().to("cpu").contiguous() for e in entries
-                if e.spec.is_shard or tp_rank == 0}
+        mine = {e.name: _own(e.local) for e in entries if e.spec.is_shard or tp_rank == 0}
         data = st_save(mine, metadata={"format": "pt"})
-        _write_durable(os.path.join(tmp, name), data)
+        write_durable(os.path.join(tmp, name), data)
         return hashlib.sha256(data).hexdigest().encode() + struct.pack("<Q", len(data))
     if writer:
-        record = _checked(write_shards)
+        record = checked(write_shards)
     else:
         agree(None)
     if _crash_hook:
         _crash_hook("shards_written")
     digest = hashlib.sha256(meta.encode()).hexdigest().encode()
-    records = _gather_bytes(digest + record, 200) if world > 1 else [digest + record]
+    records = gather_bytes(digest + record, 200) if world > 1 else [digest + record]
 
     def finish():
         if any(r[:64] != digest for r in records):
@@ -393,17 +191,17 @@ def write(entries: List[Entry], aliases: Dict[str, str], path: str, kind: str, e
         index = {"format": FORMAT, "version": VERSION, "kind": kind,
                  "saved_with": {"tp_degree": tp, "world_size": world},
                  "files": files, "tensors": tensors, "aliases": aliases, **extra}
-        _write_durable(os.path.join(tmp, INDEX), json.dumps(index, indent=1).encode())
-        _fsync_dir(tmp)
+        write_durable(os.path.join(tmp, INDEX), json.dumps(index, indent=1).encode())
+        fsync_dir(tmp)
         if os.path.exists(final):
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
         if _crash_hook:
             _crash_hook("swapping")
         os.rename(tmp, final)
-        _fsync_dir(os.path.dirname(final))
+        fsync_dir(os.path.dirname(final))
         shutil.rmtree(old, ignore_errors=True)
-    _checked(finish if rank == 0 else (lambda: None))
+    checked(finish if rank == 0 else (lambda: None))
 
 
 # --- load ---------------------------------------------------------------------------------------
@@ -494,8 +292,11 @@ class Reader:
                 if key not in f.entries:
                     raise CheckpointError(f"checkpoint file {f.path} has no tensor {key!r}")
                 dt, fshape, _ = f.entries[key]
+                if dt != out.dtype:
+                    raise CheckpointError(f"checkpoint file {f.path}: tensor {key!r} is {dt}, "
+                                          f"the index says {out.dtype}")
                 for sb in piece["blocks"]:
-                    box = _overlap(shape, tb, tuple(sb))
+                    box = overlap(shape, tb, tuple(sb))
                     if box is None:
                         continue
                     if any(s0 + n > fs for (_, s0, n), fs in zip(box, fshape)) or len(fshape) != len(shape):
@@ -586,7 +387,7 @@ def load(obj, path: str, *, model: Optional[nn.Module] = None) -> None:
         reader = Reader(root, index)
         return stage({n: Target(n, t) for n, t in tensors.items()}, found, reader, where)
     try:
-        staged = _checked(prepare)
+        staged = checked(prepare)
     finally:
         if reader is not None:
             reader.close()
@@ -601,9 +402,9 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Collective: global rank 0 gets `model.state_dict()` as plain full tensors (the serial
     model's names; tied names share one tensor, as HF's state dict has them); others get {}."""
     from .collectives import redistribute_local
-    rank, _ = _world()
+    rank, _ = world_info()
     state = model.state_dict(keep_vars=True)
-    pg = _pg_of(state.values())
+    pg = pg_of(state.values())
     if rank != 0 and (pg is None or pg.tp_rank_list()[0] != 0):
         return {}  # only the tensor-parallel group holding rank 0 gathers
     done: Dict[int, torch.Tensor] = {}

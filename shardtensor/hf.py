@@ -16,8 +16,8 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, SafetensorsFile, Target, _checked, _overlap, blocks,
-                         last_load, unique_tensors)
+from .checkpoint import Target, last_load, unique_tensors
+from .checkpoint_io import CheckpointError, SafetensorsFile, blocks, checked, overlap
 from .tensor import ShardedTensor, wrap
 
 __all__ = ["load_pretrained"]
@@ -100,7 +100,7 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
                                       f"{list(tgt.shape)}")
             buf = torch.empty(tgt.local_shape(), dtype=tgt.dtype)
             for tb in blocks(tgt.shape, tgt.spec, tgt.rank):
-                box = _overlap(tgt.shape, tb, (None, 0, 0, 0))
+                box = overlap(tgt.shape, tb, (None, 0, 0, 0))
                 part = f.read(key, [(s0, n) for _, s0, n in box])
                 buf[tuple(slice(t0, t0 + n) for t0, _, n in box)].copy_(part)  # casts dtype
             staged[name] = buf
@@ -110,7 +110,7 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
                                   f" ({len(missing_params)} missing)")
         return staged, sorted(set(weight_map) - used)
     try:
-        staged, unexpected = _checked(prepare)
+        staged, unexpected = checked(prepare)
     finally:
         last_load.update(bytes_read=sum(f.bytes_read for f in files.values()), files=sorted(files))
         for f in files.values():

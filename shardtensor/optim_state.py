@@ -1,10 +1,12 @@
 """Optimizer state in sharded checkpoints, keyed by parameter names so it reshards.
 
 A state tensor shaped like its parameter (Adam's exp_avg / exp_avg_sq, SGD's momentum_buffer) is
-saved with the parameter's layout: as a ShardedTensor ("param") or as the plain local shard an
-optimizer over `p.to_local()` tensors makes ("local"). Anything else (Adam's `step`) is a plain
-replicated tensor ("plain"); Python numbers and the param groups' hyperparameters go in the index.
-Loading lays every state tensor out like the loading model's parameter, at its tp degree.
+saved with the parameter's layout, whether it is a ShardedTensor ("param") or the plain local
+shard an optimizer over `p.to_local()` tensors makes ("local"). Anything else (Adam's `step`) is a
+plain replicated tensor ("plain"); Python numbers and the param groups' hyperparameters go in the
+index. Loading lays every state tensor out like the loading model's parameter, at its tp degree,
+as the loading optimizer would make it: a ShardedTensor for a ShardedTensor parameter, a plain
+tensor for a plain one (e.g. an optimizer over `p.to_local()` shards).
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .checkpoint import (INDEX, REPLICA, CheckpointError, Entry, Reader, Target, _checked,
-                         _pg_of, check_meta, read_index, resolve, stage)
+from .checkpoint import (INDEX, REPLICA, Entry, Reader, Target, pg_of, read_index, resolve,
+                         stage)
+from .checkpoint_io import CheckpointError, checked
 from .tensor import ShardedTensor, wrap
 
 
@@ -104,7 +107,7 @@ def optimizer_entries(optimizer, model):
                 meta[key] = {"tensor": ename, "kind": kind}
     extra = {"optimizer": {"type": type(optimizer).__name__, "param_groups": groups,
                            "state": state_meta}}
-    return entries, {}, extra, _pg_of(params.values())
+    return entries, {}, extra, pg_of(params.values())
 
 
 def load_optimizer(optimizer, path: str, model: Optional[nn.Module]) -> None:
@@ -149,7 +152,7 @@ def load_optimizer(optimizer, path: str, model: Optional[nn.Module]) -> None:
         reader = Reader(root, index)
         return saved, stage(targets, found, reader, where)
     try:
-        saved, staged = _checked(prepare)
+        saved, staged = checked(prepare)
     finally:
         if reader is not None:
             reader.close()
@@ -167,8 +170,11 @@ def load_optimizer(optimizer, path: str, model: Optional[nn.Module]) -> None:
                 new[key] = _from_json(m["value"])
                 continue
             buf = staged[m["tensor"]]
-            if m["kind"] == "param" and isinstance(param, ShardedTensor) and isinstance(p, ShardedTensor):
-                buf = wrap(buf, param._spec, param._pg, param._gshape)
+            if m["kind"] != "plain":  # laid out like the param, as this optimizer would make it
+                local = p._local if isinstance(p, ShardedTensor) else p
+                buf = buf.to(local.device)
+                if isinstance(p, ShardedTensor):
+                    buf = wrap(buf, p._spec, p._pg, p._gshape)
             new[key] = buf
         optimizer.state[p] = new
     for grp, sgrp in zip(optimizer.param_groups, saved["param_groups"]):
