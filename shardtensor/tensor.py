@@ -109,6 +109,41 @@ class ShardedTensor(torch.Tensor):
                                    "ShardedTensor.redistribute")
         return wrap(local, spec, self._pg, self._gshape, self._compute_spec)
 
+    # --- metadata answered in Python, off the dispatch path (HF code asks for these a lot) ----
+    @property
+    def shape(self) -> torch.Size:
+        return self._gshape
+
+    def size(self, dim: Optional[int] = None):
+        return self._gshape if dim is None else self._gshape[dim]
+
+    def dim(self) -> int:
+        return len(self._gshape)
+
+    ndimension = dim
+
+    @property
+    def ndim(self) -> int:
+        return len(self._gshape)
+
+    def numel(self) -> int:
+        return self._gshape.numel()
+
+    nelement = numel
+
+    def __len__(self) -> int:
+        if not self._gshape:
+            raise TypeError("len() of a 0-d tensor")
+        return self._gshape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._local.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._local.device
+
     # --- Python protocol (kept off the dispatch path) ---------------------------------------
     def __hash__(self) -> int:
         return id(self)
