@@ -66,6 +66,7 @@ def per_op(pg, mesh, api, number, repeat):
     dx = distribute_tensor(x, mesh, [Shard(1)])
     dw = distribute_tensor(w, mesh, [Shard(0)])
     dtab = distribute_tensor(table, mesh, [Shard(1)])
+    dids = distribute_tensor(ids, mesh, [Replicate()])  # DTensor refuses plain tensors
     cases = {
         "add": (lambda: x + x, lambda: dx + dx, lambda: sx + sx),
         "gelu": (lambda: F.gelu(x), lambda: F.gelu(dx), lambda: F.gelu(sx)),
@@ -73,7 +74,7 @@ def per_op(pg, mesh, api, number, repeat):
                    lambda: F.linear(sx.redistribute(st.ReplicaSpec()), sw)),
         "matmul": (lambda: x @ x.T, lambda: dx @ dx.T, lambda: sx @ sx.T),
         "view": (lambda: x.view(8, 4, 4), lambda: dx.view(8, 4, 4), lambda: sx.view(8, 4, 4)),
-        "embedding": (lambda: F.embedding(ids, table), lambda: F.embedding(ids, dtab),
+        "embedding": (lambda: F.embedding(ids, table), lambda: F.embedding(dids, dtab),
                       lambda: F.embedding(ids, stab)),
     }
     # the linear case measures the op alone: inputs laid out as the op wants them
