@@ -71,3 +71,22 @@ def inputs_for(arch: str, batch: int = 2, seq: int = 7, vocab: int = 61, seed: i
     labels = ids.clone()
     labels[mask == 0] = -100
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def weight_error(model, serial) -> float:
+    """Largest relative difference between a (parallelized) model's weights and the serial
+    model's, per parameter (scale floored at 1e-6).
+
+    GPT-2's fused c_attn.bias is compared without its key third: that gradient is identically
+    zero (softmax ignores a per-query constant), so both runs only see ~1e-11 of rounding noise
+    there, which Adam normalises into steps of +-lr: those numbers follow noise in either run."""
+    worst = 0.0
+    for (name, p), q in zip(model.named_parameters(), serial.parameters()):
+        p = p.full() if hasattr(p, "full") else p
+        p, q = p.detach().double(), q.detach().double()
+        if name.endswith("c_attn.bias"):
+            h = q.shape[0] // 3
+            p, q = torch.cat([p[:h], p[2 * h:]]), torch.cat([q[:h], q[2 * h:]])
+        err = ((p - q).abs().max() / q.abs().max().clamp_min(1e-6)).item()
+        worst = max(worst, err)
+    return worst

@@ -22,9 +22,11 @@ def _tp_dp(rank):
 
 
 def _check(out):
+    # losses to float32 rounding; weights after 5 AdamW steps (lr 1e-2) to the 1e-3 the
+    # training criterion allows: Adam divides by sqrt(v), so tiny gradients' rounding shows
     for a, b in zip(out["parallel"], out["serial"]):
-        assert abs(a - b) <= 1e-4 * abs(b), out
-    assert out["worst"] < 1e-4, out
+        assert abs(a - b) <= 1e-5 * abs(b), out
+    assert out["worst"] < 1e-3, out
 
 
 def test_tp2_dp2_trains_like_serial_on_the_global_batch():

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import shardtensor as st
-from shardtensor.models_testing import build, inputs_for
+from shardtensor.models_testing import build, inputs_for, weight_error
 
 
 def main(steps: int = 5):
@@ -35,8 +35,7 @@ def main(steps: int = 5):
                 dist.all_reduce(v, group=pg.dp_process_group())
                 v /= dp
             curves[i].append(float(v))
-    worst = max(((p.full() - q).abs().max() / q.abs().max()).item()
-                for p, q in zip(model.parameters(), serial.parameters()))
+    worst = weight_error(model, serial)
     sync.remove()
     return dict(serial=curves[0], parallel=curves[1], worst=worst, world=dist.get_world_size())
 
