@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..collectives import copy_to_region
+from ..collectives import copy_to_region, redistribute_local
 from ..spec import take_shard
 from ._util import (PARTIAL, REPLICA, ST, ShardingError, ShardSpec, group_of, materialize,
                     rule, to_layout, wrap)
@@ -43,7 +43,7 @@ def _spellings(names, extra=()):
         f = getattr(T, name, None)
         if f is not None:
             funcs[f] = None
-            if name.startswith("__i"):
+            if name.startswith("__i") and name != "__invert__":
                 inplace.add(f)
     return list(funcs), inplace
 
@@ -172,6 +172,8 @@ def _generic(func, args, kwargs):
     ops += [(k, v) for k, v in kwargs.items() if k != "out" and isinstance(v, Tensor)]
     inplace = func in _INPLACE
     lin = _LIN.get(func)
+    if "rounding_mode" in kwargs and kwargs["rounding_mode"] is not None:
+        lin = None  # floor / trunc division is not linear
     if lin is not None and lin[0] == "sum":
         # a number among the summands would be added once per rank
         for p in lin[1]:
@@ -206,15 +208,23 @@ def _generic(func, args, kwargs):
     out = kwargs.get("out")
     if out is not None:
         if type(out) is ST:
-            if out._spec != target or out._gshape != out_shape:
-                raise ShardingError(f"{_trace.func_name(func)}: out= has layout {out._spec!r} and "
-                                    f"shape {tuple(out._gshape)}, the result {target!r} and "
-                                    f"{tuple(out_shape)}")
-            new_kwargs["out"] = out._local
-        elif not target.is_replicate:
-            raise UnsupportedOpError(f"{_trace.func_name(func)}: out= is a plain tensor but the "
-                                     f"result is laid out {target!r}; pass a ShardedTensor")
-        func(*new_args, **new_kwargs)
+            if out._gshape != out_shape:
+                raise ShardingError(f"{_trace.func_name(func)}: out= has shape "
+                                    f"{tuple(out._gshape)}, the result {tuple(out_shape)}")
+            if out._spec == target:
+                new_kwargs["out"] = out._local
+                func(*new_args, **new_kwargs)
+            else:  # the result moved into out's layout
+                del new_kwargs["out"]
+                res = redistribute_local(func(*new_args, **new_kwargs), target, out._spec,
+                                         out_shape, pg, func)
+                out._local.copy_(res)
+        elif target.is_replicate:
+            func(*new_args, **new_kwargs)
+        else:  # a plain out= holds the whole (replicated) value
+            del new_kwargs["out"]
+            out.copy_(redistribute_local(func(*new_args, **new_kwargs), target, REPLICA,
+                                         out_shape, pg, func))
         return out
     res = func(*new_args, **new_kwargs)
     if inplace:
@@ -242,7 +252,8 @@ def pointwise(func, args, kwargs):
                     return _generic(func, args, kwargs)
         spec = x._spec
         if y is None or not isinstance(y, Tensor):
-            if spec.is_partial and func not in _KEEPS_PARTIAL_ALONE:
+            if spec.is_partial and (func not in _KEEPS_PARTIAL_ALONE
+                                    or kwargs.get("rounding_mode") is not None):
                 loc = materialize(x, func)
                 res = func(loc, *args[1:], **kwargs)
                 if res is loc or func in _INPLACE:

@@ -93,7 +93,13 @@ def foreach(func, args, kwargs):
             a = args[i]
             rows = a if everything else [a[r] for r in fast]
             fast_args[i] = [x._local if type(x) is ST else x for x in rows] if i in tlists else rows
-        res = func(*fast_args, **kwargs)
+        kw = kwargs
+        if func in _SCALARS and not everything:  # a 1-D tensor of per-row scalars
+            if len(args) > 3 and isinstance(args[3], Tensor) and args[3].dim():
+                fast_args[3] = fast_args[3][fast]
+            if isinstance(kwargs.get("scalars"), Tensor):
+                kw = dict(kwargs, scalars=materialize(kwargs["scalars"], func)[fast])
+        res = func(*fast_args, **kw)
         if not inplace:
             for r, loc in zip(fast, res):
                 s = selfs[r]
