@@ -14,7 +14,7 @@ def _value(x):
     return x.full() if isinstance(x, st.ShardedTensor) else x
 
 
-def _rel(a, b, floor=1e-6):
+def _rel(a, b, floor=1e-5):
     """Relative error; a gradient that is mathematically zero (the key bias: softmax ignores a
     per-query constant) is ~1e-12 of noise in serial, so the scale has an absolute floor."""
     a, b = _value(a).detach().double(), _value(b).detach().double()
