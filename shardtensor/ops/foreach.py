@@ -77,7 +77,8 @@ def foreach(func, args, kwargs):
             ok = not sp.is_partial
             for li in tlists:
                 t = args[li][r]
-                if type(t) is not ST or t._spec != sp or t._gshape != sh or t._pg is not pg:
+                if type(t) is not ST or (t._spec is not sp and t._spec != sp) or \
+                        t._gshape != sh or t._pg is not pg:
                     ok = False
                     break
             (fast if ok else slow).append(r)

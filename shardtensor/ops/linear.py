@@ -191,6 +191,9 @@ def linear(func, args, kwargs):
     parallel, output partial (reduced, then the bias added once, when there is a bias)."""
     x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
     bias = _arg(args, kwargs, 2, "bias")
+    out = _megatron_fast_path(func, x, w, bias, 0, F.linear)
+    if out is not None:
+        return out
     gx, gw = _gshape(x), _gshape(w)
     lx = _batch_labels(len(gx) - 1) + ("k",)
     lw = ("n", "k") if len(gw) == 2 else ("k",)
@@ -249,7 +252,64 @@ def _addmm_like(func, args, kwargs, labels, mm_fn, add_fn):
 @rule(torch.addmm, T.addmm)
 def addmm(func, args, kwargs):
     """beta * input + alpha * (mat1 @ mat2); GPT-2's Conv1D with its weight (in, out)."""
+    if len(args) == 3 and not kwargs:
+        out = _megatron_fast_path(func, args[1], args[2], args[0], 1, _addmm_local)
+        if out is not None:
+            return out
     return _addmm_like(func, args, kwargs, _MM, torch.mm, torch.addmm)
+
+
+def _addmm_local(x, w, b):
+    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+
+
+def _megatron_fast_path(func, x, w, bias, out_dim: int, local_fn):
+    """The two layouts Megatron uses, decided without the planner (the hot path of every
+    transformer): column parallel (weight sharded on its output dim `out_dim`, input replicated
+    or plain; output sharded, Megatron's f on the input) and row parallel (weight sharded on its
+    input dim, input sharded on its last dim alike; output partial, or reduced once and the
+    bias added when there is one). Returns None for anything else."""
+    if type(w) is not ST or not w._spec.is_shard or len(w._gshape) != 2:
+        return None
+    ws, pg = w._spec, w._pg
+    if w._compute_spec is not None and w._compute_spec.output_replicate:
+        return None
+    tx = type(x)
+    if ws.dim == out_dim:                                   # column parallel
+        if tx is ST:
+            if not x._spec.is_replicate or x._pg is not pg:
+                return None
+            xl = x._local
+        elif isinstance(x, torch.Tensor):
+            xl = x
+        else:
+            return None
+        if bias is None:
+            bl = None
+        elif type(bias) is ST and bias._spec == ShardSpec(0, ws.degree, ws.stride) and bias._pg is pg:
+            bl = bias._local
+        else:
+            return None
+        if xl.requires_grad and ws.degree > 1:
+            xl = copy_to_region(xl, pg, func)
+        oshape = _gshape(x)[:-1] + w._gshape[out_dim:out_dim + 1]
+        return wrap(local_fn(xl, w._local, bl), ShardSpec(len(oshape) - 1, ws.degree, ws.stride),
+                    pg, oshape)
+    # row parallel: input sharded on its last dim exactly as the weight's input dim
+    if tx is not ST or x._pg is not pg:
+        return None
+    xs = x._spec
+    if not (xs.is_shard and xs.dim == len(x._gshape) - 1 and xs.stride == ws.stride):
+        return None
+    if bias is not None and not (type(bias) is ST and bias._spec.is_replicate and bias._pg is pg) \
+            and not (type(bias) is not ST and isinstance(bias, torch.Tensor)):
+        return None
+    oshape = x._gshape[:-1] + w._gshape[out_dim:out_dim + 1]
+    out = local_fn(x._local, w._local, None)
+    if bias is None:
+        return wrap(out, PARTIAL, pg, oshape)
+    out = reduce_from_region(out, pg, func, inplace=True)   # the bias is added once, after the sum
+    return wrap(out + unwrap(bias), REPLICA, pg, oshape)
 
 
 @rule(torch.baddbmm, T.baddbmm)

@@ -33,6 +33,20 @@ _PASSTHROUGH = _getters_and_methods("""
 """) + [torch.is_floating_point, torch.is_complex, torch.numel]
 
 
+# questions about dtype or device only: the shard answers them (no disabling context needed)
+_ON_SHARD = _getters_and_methods("""
+    is_floating_point is_complex element_size is_cuda is_cpu is_meta is_signed itemsize
+    get_device is_xpu is_mps is_quantized is_sparse is_inference
+""") + [torch.is_floating_point, torch.is_complex]
+_PASSTHROUGH = [f for f in _PASSTHROUGH if f not in _ON_SHARD]
+
+
+@rule(*dict.fromkeys(_ON_SHARD))
+def on_shard(func, args, kwargs):
+    """dtype/device questions: the shard has the same dtype and device."""
+    return func(args[0]._local, *args[1:], **kwargs)
+
+
 @rule(*dict.fromkeys(_PASSTHROUGH))
 def passthrough(func, args, kwargs):
     """Metadata the wrapper already holds (global shape, dtype, device, ...)."""
@@ -92,11 +106,15 @@ def get_grad(func, args, kwargs):
     g = x._local.grad
     if g is None:
         return None
+    cached = x.__dict__.get("_grad_wrapper")
+    if cached is not None and cached._local is g:   # optimizers ask several times per step
+        return cached
     spec = x._spec
     if spec.is_partial:
         from ..spec import REPLICA
         spec = REPLICA
-    return wrap(g, spec, x._pg, x._gshape)
+    out = x.__dict__["_grad_wrapper"] = wrap(g, spec, x._pg, x._gshape)
+    return out
 
 
 @rule(T.grad.__set__, T._grad.__set__)
