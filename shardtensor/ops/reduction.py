@@ -27,11 +27,15 @@ T = torch.Tensor
 
 # --- argument helpers ---------------------------------------------------------------------------
 
+_NUMPY_NAMES = {"axis": "dim", "keepdims": "keepdim"}
+
+
 def _bind(func, args, kwargs, names, defaults):
     out = dict(defaults)
     for name, v in zip(names, args[1:]):
         out[name] = v
     for k, v in kwargs.items():
+        k = _NUMPY_NAMES.get(k, k)   # torch accepts numpy's axis= / keepdims= too
         if k not in out:
             raise UnsupportedOpError(f"{getattr(func, '__name__', func)}: argument {k}= is not "
                                      f"supported with sharded inputs")
