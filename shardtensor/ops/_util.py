@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from .. import trace as _trace
-from ..collectives import (partial_from_replica, redistribute_local, scatter_to_region)
+from ..collectives import (copy_to_region, partial_from_replica, redistribute_local,
+                           scatter_to_region)
 from ..dispatch import ShardingError, rule, config  # noqa: F401  (re-exported for rule modules)
 from ..spec import PARTIAL, REPLICA, PartialSpec, ReplicaSpec, ShardSpec, Spec  # noqa: F401
 from ..tensor import ShardedTensor, wrap  # noqa: F401
@@ -44,6 +45,8 @@ def to_layout(x, spec: Spec, pg, func=None):
     if type(x) is ST:
         if x._spec == spec:
             return x._local
+        if x._spec.is_partial and spec.is_replicate:
+            return _reduce_once(x, func)
         return redistribute_local(x._local, x._spec, spec, x._gshape, pg, func)
     if spec.is_replicate:
         return x
@@ -55,8 +58,18 @@ def to_layout(x, spec: Spec, pg, func=None):
 def materialize(x, func=None):
     """The local tensor of `x` with any pending partial sum reduced (replicated afterwards)."""
     if type(x) is ST and x._spec.is_partial:
-        return redistribute_local(x._local, x._spec, REPLICA, x._gshape, x._pg, func)
+        return _reduce_once(x, func)
     return unwrap(x)
+
+
+def _reduce_once(x, func=None):
+    """Reduce a pending partial sum and rebind `x` to the result: the global value is the same,
+    `x` is replicated from now on, and every later reader uses the reduced shard instead of
+    reducing again (a residual stream read by a norm and by q, k, v costs one all-reduce).
+    Autograd is unchanged: the reduced shard's gradient flows back to the summand."""
+    local = redistribute_local(x._local, x._spec, REPLICA, x._gshape, x._pg, func)
+    x._local, x._spec = local, REPLICA
+    return local
 
 
 def global_shape(x) -> torch.Size:
@@ -93,3 +106,18 @@ def allreduce_for_shards(x, pg, func=None):
     then contributes to the statistic's gradient, backward all-reduce too."""
     from ..collectives import copy_to_region, reduce_from_region
     return copy_to_region(reduce_from_region(x, pg, func), pg, func)
+
+
+def copy_once(x, local, pg, func=None):
+    """Megatron's f (identity forward, all-reduce of the gradient backward) on the replicated
+    input `x` of a column-parallel op, once per activation: q, k and v projections of the same
+    hidden state share one f, so the backward pass all-reduces their summed gradient once.
+    Cached only on non-leaf activations (rebuilt every step), never on parameters."""
+    if type(x) is ST and local is x._local and local.grad_fn is not None:
+        cached = x.__dict__.get("_f")
+        if cached is not None and cached[0] is local:
+            return cached[1]
+        out = copy_to_region(local, pg, func)
+        x.__dict__["_f"] = (local, out)
+        return out
+    return copy_to_region(local, pg, func)

@@ -303,8 +303,9 @@ _CASTS = [getattr(T, n) for n in """to float double half bfloat16 type type_as i
 
 @rule(*_CASTS)
 def cast(func, args, kwargs):
-    """Casts and clones keep the layout (a partial value stays partial for casts between floating
-    dtypes); `.to()` that changes nothing returns the tensor itself, as torch does."""
+    """Casts and clones keep the layout, except that a cast of a partial value reduces it first
+    (a clone stays partial); `.to()` that changes nothing returns the tensor itself, as torch
+    does."""
     x = args[0]
     rest = _unwrap_templates(args[1:])
     if kwargs:
@@ -318,9 +319,14 @@ def cast(func, args, kwargs):
     if res is loc:
         return x
     spec = x._spec
-    if spec.is_partial and not _partial_cast_ok(loc.dtype, res.dtype):
+    if spec.is_partial and (func not in _CLONES or not _partial_cast_ok(loc.dtype, res.dtype)):
+        # A cast of a pending sum reduces the source itself (once: `materialize` rebinds it), so
+        # the RMS-norm pattern `h.to(float32).pow(2)...` leaves `h` reduced for every later reader.
         res, spec = func(materialize(x, func), *rest, **kwargs), REPLICA
     return wrap(res, spec, x._pg, x._gshape, x._compute_spec)
+
+
+_CLONES = (T.clone, torch.clone)
 
 
 _RANDOM_LIKE = (torch.rand_like, torch.randn_like, torch.randint_like)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from .. import trace as _trace
 from ..collectives import copy_to_region, gather_from_region, reduce_from_region
 from ..dispatch import UnsupportedOpError
-from ._util import (PARTIAL, REPLICA, ShardSpec, ST, group_of, rule, spec_of, to_layout,
-                    unwrap, wrap)
+from ._util import (PARTIAL, REPLICA, ShardSpec, ST, copy_once, group_of, rule, spec_of,
+                    to_layout, unwrap, wrap)
 
 T = torch.Tensor
 Labels = Tuple[Optional[str], ...]
@@ -131,9 +131,9 @@ def _contract(func, a, b, la: Labels, lb: Labels, lo: Labels, oshape, local_fn, 
                                ga.numel(), gb.numel(), rga, rgb, d)
     al, bl = to_layout(a, ta, pg, func), to_layout(b, tb, pg, func)
     if ca:
-        al = copy_to_region(al, pg, func)
+        al = copy_once(a, al, pg, func)
     if cb:
-        bl = copy_to_region(bl, pg, func)
+        bl = copy_once(b, bl, pg, func)
     if bias is not None and not to.is_partial:
         bspec, bcopy = _bias_layout(to, _gshape(bias), oshape, d)
         biasl = to_layout(bias, bspec, pg, func)
@@ -291,7 +291,7 @@ def _megatron_fast_path(func, x, w, bias, out_dim: int, local_fn):
         else:
             return None
         if xl.requires_grad and ws.degree > 1:
-            xl = copy_to_region(xl, pg, func)
+            xl = copy_once(x, xl, pg, func)
         oshape = _gshape(x)[:-1] + w._gshape[out_dim:out_dim + 1]
         return wrap(local_fn(xl, w._local, bl), ShardSpec(len(oshape) - 1, ws.degree, ws.stride),
                     pg, oshape)

@@ -313,7 +313,7 @@ def _specs(shape, world):
 def _out_spec(spec, shape, ndim):
     """The output-dim ShardSpec of an operand's shard (None when it is a broadcast size-1 dim)."""
     s = spec.normalize(shape)
-    if shape[s.dim] == 1 and s.degree > 1:
+    if shape[s.dim] == 1:  # may broadcast against a longer dim: the output cannot keep it
         return None
     return st.ShardSpec(s.dim + ndim - len(shape), s.degree, s.stride)
 
@@ -369,6 +369,8 @@ def _partial_rules(rank):
     }
     out = {}
     for name, (fn, ref) in cases.items():
+        # fresh summands for every case: a case that reduces P rebinds it (replicated after)
+        P, Q = make(x, st.PartialSpec(), pg, rank, 1), make(y, st.PartialSpec(), pg, rank, 2)
         with st.CommTrace() as trace:
             r = fn()
         assert torch.allclose(r.full(), ref), name
@@ -476,8 +478,9 @@ def _casts(rank):
     checks["to same is self"] = t.to(torch.float32) is t and t.float() is t
     checks["to copy is new"] = t.to(torch.float32, copy=True) is not t
     checks["type str"] = t.type() == "torch.FloatTensor"
-    pf = p.float()
-    checks["partial float"] = pf.spec == st.PartialSpec() and torch.allclose(pf.full(), x)
+    pf = p.float()   # a cast of a pending sum reduces the source once (p is replicated after)
+    checks["partial float"] = (pf.spec == st.ReplicaSpec() and torch.allclose(pf.full(), x)
+                               and p.spec == st.ReplicaSpec())
     pl = p.to(torch.int64)
     checks["partial to int"] = pl.spec == st.ReplicaSpec() and torch.equal(pl.full(), x.double().to(torch.int64))
     return checks
@@ -599,3 +602,30 @@ def test_unsupported_forms_raise():
     out = run(2, _bad)[0]
     assert "torch.where(condition)" in out["where1"]
     assert out["out ok"] and out["plain out"] and out["plain out gathers"] and out["partial out"]
+
+
+def _reduce_once(rank):
+    pg = st.ProcessGroup()
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64)
+    # a pending sum read by several non-linear consumers (a norm, then q, k, v) is reduced once
+    p = st.ShardedTensor.from_global(x, pg, st.PartialSpec())
+    with st.CommTrace() as trace:
+        a = torch.relu(p)
+        b = p.pow(2)
+        c = p + w
+    out = (a.full() * 1 + b.full() * 2 + c.full() * 3).sum()
+    out.backward()
+    return [e.kind for e in trace.events], p.spec, x.grad.clone()
+
+
+def test_partial_value_is_reduced_once_for_every_reader():
+    for kinds, spec, grad in run(2, _reduce_once):
+        assert kinds == ["all_reduce"]
+        assert spec == st.ReplicaSpec()
+        torch.manual_seed(0)
+        x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(6, dtype=torch.float64)
+        (torch.relu(x) + 2 * x ** 2 + 3 * (x + w)).sum().backward()
+        torch.testing.assert_close(grad, x.grad)
