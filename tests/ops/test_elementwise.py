@@ -86,7 +86,7 @@ UNARY = [
     ("x + 1", lambda x: x + 1, "any", False, True),
     ("1 - x", lambda x: 1 - x, "any", False, True),
     ("2 / x", lambda x: 2 / x, "pos", False, True),
-    ("x.to(float32)", lambda x: x.to(torch.float32), "any", True, True),
+    ("x.to(float32)", lambda x: x.to(torch.float32), "any", False, True),  # reduces the source
     ("clone", lambda x: x.clone(), "any", True, True),
 ]
 
