@@ -320,20 +320,12 @@ def redistribute_local(x: torch.Tensor, src: Spec, dst: Spec, full_shape, pg, op
 
 def all_reduce_max_(x: torch.Tensor, pg, op=None, phase: str = "forward") -> torch.Tensor:
     """Elementwise maximum of `x` over the tensor-parallel group, in place (no autograd)."""
-    if pg.tp_world_size() == 1:
-        return x
-    _record("all_reduce", x, pg, op, phase)
-    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=pg.tp_process_group())
-    return x
+    return all_reduce_(x, pg, op, phase, reduce_op="max")
 
 
 def all_reduce_min_(x: torch.Tensor, pg, op=None, phase: str = "forward") -> torch.Tensor:
     """Elementwise minimum of `x` over the tensor-parallel group, in place (no autograd)."""
-    if pg.tp_world_size() == 1:
-        return x
-    _record("all_reduce", x, pg, op, phase)
-    dist.all_reduce(x, op=dist.ReduceOp.MIN, group=pg.tp_process_group())
-    return x
+    return all_reduce_(x, pg, op, phase, reduce_op="min")
 
 
 class _ExtremumFromRegion(torch.autograd.Function):
