@@ -144,6 +144,22 @@ class ShardedTensor(torch.Tensor):
     def device(self) -> torch.device:
         return self._local.device
 
+    @property
+    def is_sparse(self) -> bool:
+        return self._local.is_sparse
+
+    @property
+    def is_cuda(self) -> bool:
+        return self._local.is_cuda
+
+    @property
+    def is_cpu(self) -> bool:
+        return self._local.is_cpu
+
+    @property
+    def is_meta(self) -> bool:
+        return self._local.is_meta
+
     # --- Python protocol (kept off the dispatch path) ---------------------------------------
     def __hash__(self) -> int:
         return id(self)
@@ -188,7 +204,7 @@ def wrap(local: torch.Tensor, spec: Spec, pg: ProcessGroup, shape,
     t._local = local
     t._spec = spec
     t._pg = pg
-    t._gshape = torch.Size(shape)
+    t._gshape = shape if type(shape) is torch.Size else torch.Size(shape)
     t._compute_spec = compute_spec
     return t
 
