@@ -105,7 +105,11 @@ def func_name(func: object) -> str:
         pass
     name = getattr(func, "__name__", None) or repr(func)
     owner = getattr(func, "__objclass__", None) or getattr(getattr(func, "__self__", None), "__objclass__", None)
-    if getattr(torch.nn.functional, name, None) is func:
+    sub = next((m for m in ("fft", "linalg", "special") if name.startswith(m + "_")
+                and getattr(getattr(torch, m), name[len(m) + 1:], None) is func), None)
+    if sub is not None:
+        out = f"torch.{sub}.{name[len(sub) + 1:]}"
+    elif getattr(torch.nn.functional, name, None) is func:
         out = f"F.{name}"
     elif getattr(torch, name, None) is func:
         out = f"torch.{name}"
