@@ -6,7 +6,7 @@ communicates nothing. `redistribute_local` moves a local shard between any two l
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.distributed as dist

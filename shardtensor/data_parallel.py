@@ -9,7 +9,7 @@ never fire. `data_parallel` hooks the shards themselves, the same way DDP hooks 
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist

@@ -42,7 +42,6 @@ class Explanation:
         self.rows: List[ExplainRow] = []
         self.output = None
         self._trace = _trace.CommTrace()
-        self._by_op = {}
 
     def call(self, rule, func, args, kwargs):
         if rule.__name__ in _QUIET:
@@ -53,7 +52,6 @@ class Explanation:
         row = ExplainRow(_trace.func_name(func), ins, _layout(out) or type(out).__name__)
         row.collectives = [(e.phase, e.kind, e.nbytes) for e in self._trace.events[before:]]
         self.rows.append(row)
-        self._by_op[_trace.func_name(func)] = row
         return out
 
     def _backward_events(self, start: int) -> None:

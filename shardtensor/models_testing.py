@@ -1,7 +1,7 @@
 """Small HuggingFace models for tests, demos and tutorials (random weights, no downloads)."""
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 

@@ -163,7 +163,7 @@ def load_optimizer(optimizer, path: str, model: Optional[nn.Module]) -> None:
             by_name[_name(names, p)] = p
     optimizer.state.clear()
     for pname, meta in saved["state"].items():
-        param, p = params[pname], by_name[pname]
+        p = by_name[pname]
         new = {}
         for key, m in meta.items():
             if "value" in m:

@@ -55,10 +55,7 @@ class ShardSpec:
             return self
         return ShardSpec(self.dim + ndim, self.degree, self.stride)
 
-    @property
-    def is_shard(self) -> bool:
-        return True
-
+    is_shard = True
     is_replicate = False
     is_partial = False
 
@@ -166,10 +163,6 @@ def assemble(pieces: Sequence[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
     # piece r holds `stride` equal sub-blocks; global = block 0 of every rank, block 1 ..., ...
     return torch.cat([blocks[r][b] for b in range(spec.stride) for r in range(len(pieces))],
                      dim=spec.dim)
-
-
-def is_even(n: int, spec: ShardSpec) -> bool:
-    return (n // spec.stride) % spec.degree == 0
 
 
 def describe(spec: Optional[Spec]) -> str:

@@ -16,11 +16,15 @@ from . import trace as _trace
 from .collectives import redistribute_local
 from .dispatch import RULES, UnsupportedOpError, ShardingError, config
 from .groups import ProcessGroup
-from .spec import ComputeSpec, ReplicaSpec, ShardSpec, Spec, local_size, take_shard
+from .spec import ComputeSpec, ReplicaSpec, Spec, local_shape, local_size
 
 __all__ = ["ShardedTensor", "wrap"]
 
 _EMPTY: dict = {}
+# the dispatcher's hot path reads these without attribute lookups (same objects as in trace.py)
+_get_rule = RULES.get
+_CURRENT_OP = _trace.current_op
+_EXPLAIN = _trace.EXPLAIN
 _DisableTF = torch._C.DisableTorchFunctionSubclass
 
 
@@ -60,7 +64,7 @@ class ShardedTensor(torch.Tensor):
         if shape is not None:
             shape = torch.Size(shape)
             spec = _check_spec(spec, shape, pg, "from_local")
-            expect = _local_shape(shape, spec, pg.tp_local_rank())
+            expect = local_shape(shape, spec, pg.tp_local_rank())
             if tuple(local.shape) != expect:
                 raise ShardingError(f"ShardedTensor.from_local: local shape {tuple(local.shape)} "
                                     f"is not rank {pg.tp_local_rank()}'s part {expect} of global "
@@ -177,11 +181,11 @@ class ShardedTensor(torch.Tensor):
     # --- dispatch ----------------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        r = RULES.get(func)
+        r = _get_rule(func)
         if r is not None:
-            _trace.current_op[0] = func
-            if _trace.EXPLAIN:
-                return _trace.EXPLAIN[-1].call(r, func, args, kwargs or _EMPTY)
+            _CURRENT_OP[0] = func
+            if _EXPLAIN:
+                return _EXPLAIN[-1].call(r, func, args, kwargs or _EMPTY)
             return r(func, args, kwargs or _EMPTY)
         return _no_rule(func, args, kwargs or _EMPTY)
 
@@ -207,14 +211,6 @@ def wrap(local: torch.Tensor, spec: Spec, pg: ProcessGroup, shape,
     t._gshape = shape if type(shape) is torch.Size else torch.Size(shape)
     t._compute_spec = compute_spec
     return t
-
-
-def _local_shape(shape, spec, rank):
-    if not spec.is_shard:
-        return tuple(shape)
-    s = list(shape)
-    s[spec.dim] = local_size(shape[spec.dim], spec.degree, spec.stride, rank)
-    return tuple(s)
 
 
 def _check_spec(spec, shape, pg, where: str):
@@ -254,7 +250,6 @@ def _specs_of(args, kwargs):
 
 
 _WARNED = set()
-_INPLACE_HINT = ("out",)
 
 
 def _no_rule(func, args, kwargs):

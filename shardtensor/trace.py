@@ -80,10 +80,6 @@ class CommTrace:
         return f"CommTrace({len(self.events)} events)"
 
 
-def tracing() -> bool:
-    return bool(_ACTIVE)
-
-
 def record(kind: str, nbytes: int, group_size: int, op: object, phase: str) -> None:
     ev = CommEvent(kind, int(nbytes), group_size, func_name(op), phase)
     for t in _ACTIVE:

@@ -2,8 +2,6 @@
 argument to a layout, wrapping results. Rules import from here, never from each other."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import trace as _trace
@@ -70,14 +68,6 @@ def _reduce_once(x, func=None):
     local = redistribute_local(x._local, x._spec, REPLICA, x._gshape, x._pg, func)
     x._local, x._spec = local, REPLICA
     return local
-
-
-def global_shape(x) -> torch.Size:
-    return x._gshape if type(x) is ST else x.shape
-
-
-def shard_dim(spec: Spec) -> Optional[int]:
-    return spec.dim if spec.is_shard else None
 
 
 def local_index(ids: torch.Tensor, n: int, spec: ShardSpec, rank: int):

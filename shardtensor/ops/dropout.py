@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..spec import take_shard
-from ._util import REPLICA, ST, config, materialize, rule, wrap
+from ._util import REPLICA, config, materialize, rule, wrap
 
 _OFFSET = 2718
 # device -> (default seed it was derived from, this rank's generator)

@@ -16,10 +16,9 @@ from torch.nn import _reduction as _Reduction
 
 from .. import trace as _trace
 from ..collectives import all_reduce_, reduce_from_region
-from ..dispatch import UnsupportedOpError
 from ..spec import take_shard
 from ._util import (PARTIAL, REPLICA, ShardSpec, ST, group_of, local_index, materialize, rule,
-                    spec_of, to_layout, unwrap, wrap)
+                    spec_of, to_layout, wrap)
 
 _CE = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
        "label_smoothing")

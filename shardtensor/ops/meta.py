@@ -54,7 +54,7 @@ def passthrough(func, args, kwargs):
         return func(*args, **kwargs)
 
 
-@rule(T.is_leaf.__get__, T.grad_fn.__get__, T.retains_grad.__get__, T.is_leaf.__get__)
+@rule(T.is_leaf.__get__, T.grad_fn.__get__, T.retains_grad.__get__)
 def on_local(func, args, kwargs):
     """Autograd state lives on the shard."""
     return func(args[0]._local)

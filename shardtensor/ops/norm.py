@@ -39,17 +39,21 @@ def _norm_args(func, args, kwargs, names):
     return vals
 
 
+def _input(x, func):
+    """(local, layout, global shape) of a norm's input; a pending sum is reduced first."""
+    if type(x) is ST:
+        local = materialize(x, func)      # rebinds a partial x: its layout reads replicated
+        return local, x._spec, x._gshape
+    return x, REPLICA, x.shape
+
+
 @rule(F.layer_norm, torch.layer_norm)
 def layer_norm(func, args, kwargs):
     v = _norm_args(func, args, kwargs, ("weight", "bias", "eps"))
     x, shape = v["input"], tuple(v["normalized_shape"])
     w, b, eps = v.get("weight"), v.get("bias"), v.get("eps", 1e-5)
     pg = group_of(func, x, w, b)
-    xs = x._spec if type(x) is ST else REPLICA
-    local = materialize(x, func) if type(x) is ST else x
-    if xs.is_partial:
-        xs = REPLICA
-    g = x._gshape if type(x) is ST else x.shape
+    local, xs, g = _input(x, func)
     nd, k = len(g), len(shape)
     wl, bl = _param(w, xs, nd, k, pg, func), _param(b, xs, nd, k, pg, func)
     if not (xs.is_shard and xs.dim >= nd - k):
@@ -76,11 +80,7 @@ if hasattr(F, "rms_norm"):
         x, shape = v["input"], tuple(v["normalized_shape"])
         w, eps = v.get("weight"), v.get("eps")
         pg = group_of(func, x, w)
-        xs = x._spec if type(x) is ST else REPLICA
-        local = materialize(x, func) if type(x) is ST else x
-        if xs.is_partial:
-            xs = REPLICA
-        g = x._gshape if type(x) is ST else x.shape
+        local, xs, g = _input(x, func)
         nd, k = len(g), len(shape)
         wl = _param(w, xs, nd, k, pg, func)
         if not (xs.is_shard and xs.dim >= nd - k):

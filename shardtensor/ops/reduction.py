@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from ..collectives import (all_reduce_, all_reduce_max_, all_reduce_min_, max_from_region,
+from ..collectives import (all_reduce_max_, all_reduce_min_, max_from_region,
                            min_from_region, reduce_from_region)
 from ..dispatch import RULES, UnsupportedOpError
 from ..spec import shard_ranges
@@ -132,9 +132,13 @@ def amax(func, args, kwargs):
                      func in (torch.amax, T.amax), func)
 
 
+def _operand(x, func):
+    """The local tensor and layout of a reduction's input; a pending sum is reduced first
+    (`materialize` rebinds it, so its layout reads replicated afterwards)."""
+    return materialize(x, func), x._spec
+
 def _extremum(x, dims, keepdim, largest, func):
-    local = materialize(x, func)
-    spec = REPLICA if x._spec.is_partial else x._spec
+    local, spec = _operand(x, func)
     shape = _shape(x._gshape, dims, keepdim)
     if not (spec.is_shard and spec.dim in dims):
         op = torch.amax if largest else torch.amin
@@ -150,8 +154,7 @@ def _arg_extremum(x, dim, keepdim, largest, func, values: bool):
     all-reduce max of the values and an all-reduce min of the indices that attain it."""
     g = x._gshape
     nd = len(g)
-    local = materialize(x, func)
-    spec = REPLICA if x._spec.is_partial else x._spec
+    local, spec = _operand(x, func)
     dims = _dims(dim, nd)
     shape = _shape(g, dims, keepdim) if dim is not None or keepdim else ()
     if dim is None and not keepdim:
@@ -240,8 +243,7 @@ def _root(s, p):
 
 
 def _vector_norm(x, ord, dims, keepdim, dtype, func):
-    local = materialize(x, func)
-    spec = REPLICA if x._spec.is_partial else x._spec
+    local, spec = _operand(x, func)
     shape = _shape(x._gshape, dims, keepdim)
     if not (spec.is_shard and spec.dim in dims):
         out = torch.linalg.vector_norm(local, ord, dims, keepdim, dtype=dtype)
@@ -291,8 +293,7 @@ def logsumexp(func, args, kwargs):
     x = args[0]
     b = _bind(func, args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
     dims, keepdim = _dims(b["dim"], len(x._gshape)), b["keepdim"]
-    local = materialize(x, func)
-    spec = REPLICA if x._spec.is_partial else x._spec
+    local, spec = _operand(x, func)
     shape = _shape(x._gshape, dims, keepdim)
     if not (spec.is_shard and spec.dim in dims):
         return wrap(torch.logsumexp(local, dims, keepdim), _kept_spec(spec, dims, keepdim),
@@ -326,8 +327,7 @@ def var_std(func, args, kwargs):
         correction = 0 if unbiased is False else 1
     g = x._gshape
     dims = _dims(dim, len(g))
-    local = materialize(x, func)
-    spec = REPLICA if x._spec.is_partial else x._spec
+    local, spec = _operand(x, func)
     shape = _shape(g, dims, keepdim)
     pg = x._pg
     std = func in _STD
@@ -357,8 +357,7 @@ def all_any(func, args, kwargs):
     x = args[0]
     b = _bind(func, args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False})
     dims, keepdim = _dims(b["dim"], len(x._gshape)), b["keepdim"]
-    local = materialize(x, func)
-    spec = REPLICA if x._spec.is_partial else x._spec
+    local, spec = _operand(x, func)
     shape = _shape(x._gshape, dims, keepdim)
     is_all = func in (torch.all, T.all)
     op = torch.all if is_all else torch.any
@@ -387,8 +386,7 @@ def softmax(func, args, kwargs):
     if dim is None:   # F.softmax's legacy implicit dim
         dim = 0 if nd in (0, 1, 3) else 1
     dim %= max(nd, 1)
-    local = materialize(x, func)
-    spec = REPLICA if x._spec.is_partial else x._spec
+    local, spec = _operand(x, func)
     log = func in _LOG
     if not (spec.is_shard and spec.dim == dim):
         op = torch.log_softmax if log else torch.softmax

@@ -4,7 +4,6 @@ import copy
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import shardtensor as st

@@ -117,7 +117,6 @@ def join_ops(draw, shape):
 
 
 def _check_join(rank, shape, spec, op, seed):
-    pg = st.ProcessGroup()
     if op.name == "cat" and op.a[1] is not None:
         other = spec if op.a[1] == "same" else st.ReplicaSpec()
         op = Op("cat", op.a[0], other, *op.a[2:])

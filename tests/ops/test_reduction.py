@@ -11,18 +11,11 @@ from hypothesis import given, strategies as hs
 import shardtensor as st
 from shardtensor.testing import run
 from strategies import WORLDS, shapes, specs
-from test_view import check_op
+from test_view import Op as ViewOp, check_op
 
 
-class Op:
-    def __init__(self, name, *a, **k):
-        self.name, self.a, self.k = name, a, k
-
-    def __call__(self, x):
-        return getattr(self, "_" + self.name)(x, *self.a, **self.k)
-
-    def __repr__(self):
-        return f"Op({self.name}, {self.a}, {self.k})"
+class Op(ViewOp):
+    """The reductions, as picklable callables (dispatch and repr from test_view.Op)."""
 
     _sum = staticmethod(lambda x, *a, **k: x.sum(*a, **k))
     _torch_sum = staticmethod(lambda x, *a, **k: torch.sum(x, *a, **k))
