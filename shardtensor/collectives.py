@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from . import trace as _trace
-from .spec import ShardSpec, Spec, assemble, local_size, shard_ranges, take_shard
+from .spec import ShardSpec, Spec, assemble, shard_spec, local_size, shard_ranges, take_shard
 
 __all__ = [
     "copy_to_region", "reduce_from_region", "gather_from_region", "scatter_to_region",
@@ -63,7 +63,7 @@ def _all_gather(x: torch.Tensor, spec: ShardSpec, n: int, pg, op, phase) -> torc
         full = out
     else:
         pieces = [out.narrow(0, r * m, sizes[r]) for r in range(d)]
-        full = assemble(pieces, ShardSpec(0, d, spec.stride))
+        full = assemble(pieces, shard_spec(0, d, spec.stride))
     return full.movedim(0, dim) if dim else full
 
 
@@ -76,7 +76,7 @@ def _reduce_scatter(x: torch.Tensor, spec: ShardSpec, pg, op, phase) -> torch.Te
     sizes = [local_size(n, d, spec.stride, r) for r in range(d)]
     m = max(sizes)
     xt = x.movedim(dim, 0) if dim else x
-    s0 = ShardSpec(0, d, spec.stride)
+    s0 = shard_spec(0, d, spec.stride)
     if m * d == n and spec.stride == 1:
         send = xt.contiguous()
     else:

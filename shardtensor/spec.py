@@ -55,9 +55,36 @@ class ShardSpec:
             return self
         return ShardSpec(self.dim + ndim, self.degree, self.stride)
 
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if other.__class__ is not ShardSpec:
+            return NotImplemented
+        return (self.dim == other.dim and self.degree == other.degree
+                and self.stride == other.stride)
+
+    def __hash__(self) -> int:
+        return hash((self.dim, self.degree, self.stride))
+
     is_shard = True
     is_replicate = False
     is_partial = False
+
+
+_SHARD_SPECS: dict = {}
+
+
+def shard_spec(dim: int, degree: int, stride: int = 1) -> ShardSpec:
+    """ShardSpec(dim, degree, stride) for ints already known valid (rules deriving an output
+    layout): interned, so the hot path neither validates nor allocates, and equal specs are
+    usually the same object (`==` answers on identity)."""
+    key = (dim, degree, stride)
+    s = _SHARD_SPECS.get(key)
+    if s is None:
+        if len(_SHARD_SPECS) > 4096:
+            _SHARD_SPECS.clear()
+        s = _SHARD_SPECS[key] = ShardSpec(dim, degree, stride)
+    return s
 
 
 @dataclass(frozen=True)
@@ -69,6 +96,12 @@ class ReplicaSpec:
 
     def normalize(self, shape: Sequence[int]) -> "ReplicaSpec":
         return self
+
+    def __eq__(self, other):
+        return self is other or other.__class__ is ReplicaSpec
+
+    def __hash__(self) -> int:
+        return hash(ReplicaSpec)
 
     is_shard = False
     is_replicate = True
@@ -84,6 +117,12 @@ class PartialSpec:
 
     def normalize(self, shape: Sequence[int]) -> "PartialSpec":
         return self
+
+    def __eq__(self, other):
+        return self is other or other.__class__ is PartialSpec
+
+    def __hash__(self) -> int:
+        return hash(PartialSpec)
 
     is_shard = False
     is_replicate = False

@@ -36,7 +36,7 @@ class ShardedTensor(torch.Tensor):
     _local: torch.Tensor
     _spec: Spec
     _pg: ProcessGroup
-    _compute_spec: Optional[ComputeSpec]
+    _compute_spec: Optional[ComputeSpec] = None   # set per instance only when not None
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -199,17 +199,42 @@ class ShardedTensor(torch.Tensor):
 _REPLICA = ReplicaSpec()
 
 
+def _wrapper_factory():
+    """`_make_wrapper_subclass` called positionally where this torch accepts it (the keyword
+    parser costs ~0.5 us per call, paid by every op that returns a ShardedTensor)."""
+    mws, strided = torch.Tensor._make_wrapper_subclass, torch.strided
+    probe = torch.empty(0)
+    try:
+        mws(ShardedTensor, probe.shape, None, None, None, probe.dtype, strided, probe.device,
+            False, False)
+
+        def make(shape, local):
+            return mws(ShardedTensor, shape, None, None, None, local.dtype, strided,
+                       local.device, False, local.requires_grad)
+    except TypeError:  # older torch: keyword-only after `size`
+        def make(shape, local):
+            return mws(ShardedTensor, shape, dtype=local.dtype, device=local.device,
+                       requires_grad=local.requires_grad)
+    return make
+
+
+_make = _wrapper_factory()
+_Size = torch.Size
+
+
 def wrap(local: torch.Tensor, spec: Spec, pg: ProcessGroup, shape,
          compute_spec: Optional[ComputeSpec] = None) -> ShardedTensor:
     """A ShardedTensor over `local` with global `shape` (no checks: rules call this)."""
-    t = torch.Tensor._make_wrapper_subclass(ShardedTensor, shape, dtype=local.dtype,
-                                            device=local.device,
-                                            requires_grad=local.requires_grad)
-    t._local = local
-    t._spec = spec
-    t._pg = pg
-    t._gshape = shape if type(shape) is torch.Size else torch.Size(shape)
-    t._compute_spec = compute_spec
+    if type(shape) is not _Size:
+        shape = _Size(shape)
+    t = _make(shape, local)
+    d = t.__dict__
+    d["_local"] = local
+    d["_spec"] = spec
+    d["_pg"] = pg
+    d["_gshape"] = shape
+    if compute_spec is not None:
+        d["_compute_spec"] = compute_spec
     return t
 
 

@@ -8,7 +8,8 @@ from .. import trace as _trace
 from ..collectives import (copy_to_region, partial_from_replica, redistribute_local,
                            scatter_to_region)
 from ..dispatch import ShardingError, rule, config  # noqa: F401  (re-exported for rule modules)
-from ..spec import PARTIAL, REPLICA, PartialSpec, ReplicaSpec, ShardSpec, Spec  # noqa: F401
+from ..spec import (PARTIAL, REPLICA, PartialSpec, ReplicaSpec, ShardSpec, Spec,  # noqa: F401
+                    shard_spec)
 from ..tensor import ShardedTensor, wrap  # noqa: F401
 
 ST = ShardedTensor

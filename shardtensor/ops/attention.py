@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..collectives import copy_to_region
 from ..spec import shard_ranges
-from ._util import REPLICA, ST, ShardSpec, group_of, rule, spec_of, to_layout, wrap
+from ._util import REPLICA, ST, ShardSpec, shard_spec, group_of, rule, spec_of, to_layout, wrap
 
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -35,7 +35,7 @@ def _kv_spec(hq: int, hkv: int, spec: ShardSpec):
     s = spec.stride
     if hq % hkv or hkv % s:
         return None
-    kv = ShardSpec(spec.dim, spec.degree, s)
+    kv = shard_spec(spec.dim, spec.degree, s)
     ok = all(tuple((a * g, l * g) for a, l in shard_ranges(hkv, spec.degree, s, r))
              == shard_ranges(hq, spec.degree, s, r) for r in range(spec.degree))
     return kv if ok else None
@@ -49,11 +49,49 @@ def _mask_local(mask, spec, nd, pg, func):
     md = spec.dim - (nd - len(shape))
     if md < 0 or shape[md] == 1:
         return to_layout(mask, REPLICA, pg, func) if type(mask) is ST else mask
-    return to_layout(mask, ShardSpec(md, spec.degree, spec.stride), pg, func)
+    return to_layout(mask, shard_spec(md, spec.degree, spec.stride), pg, func)
+
+
+_FAST_KW = frozenset(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"))
+
+
+def _same_layout(func, args, kwargs):
+    """The common case, local with no planning: q, k, v ShardedTensors of one layout sharded
+    on the heads (or a batch) dim whose kv heads serve this rank's query heads, a plain (or no)
+    mask, no dropout. None otherwise (the general rule decides)."""
+    q, k, val = args
+    if type(k) is not ST or type(val) is not ST:
+        return None
+    s = q._spec
+    if not s.is_shard or (k._spec is not s and k._spec != s) or \
+            (val._spec is not s and val._spec != s):
+        return None
+    pg = q._pg
+    if k._pg is not pg or val._pg is not pg or not kwargs.keys() <= _FAST_KW or \
+            kwargs.get("dropout_p"):
+        return None
+    qg, kg = q._gshape, k._gshape
+    nd = len(qg)
+    if nd < 3 or s.dim > nd - 3 or len(kg) != nd:
+        return None
+    if s.dim == nd - 3 and qg[-3] != kg[-3] and _kv_spec(qg[-3], kg[-3], s) != s:
+        return None
+    mask = kwargs.get("attn_mask")
+    if mask is not None:
+        if type(mask) is ST:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["attn_mask"] = _mask_local(mask, s, nd, pg, func)
+    out = F.scaled_dot_product_attention(q._local, k._local, val._local, **kwargs)
+    return wrap(out, s, pg, qg[:-1] + val._gshape[-1:])
 
 
 @rule(F.scaled_dot_product_attention)
 def scaled_dot_product_attention(func, args, kwargs):
+    if len(args) == 3 and type(args[0]) is ST:
+        out = _same_layout(func, args, kwargs)
+        if out is not None:
+            return out
     v = dict(zip(_NAMES, args))
     v.update(kwargs)
     q, k, val = v["query"], v["key"], v["value"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..collectives import copy_to_region, redistribute_local
 from ..spec import take_shard
-from ._util import (PARTIAL, REPLICA, ST, ShardingError, ShardSpec, group_of, materialize,
+from ._util import (PARTIAL, REPLICA, ST, ShardingError, shard_spec, group_of, materialize,
                     rule, to_layout, wrap)
 from ..dispatch import UnsupportedOpError
 from .. import trace as _trace
@@ -134,7 +134,7 @@ def _plan(lin, inplace, desc):
             if sp is not None and sp.is_shard:
                 od = sp.dim + n - len(s)
                 if s[sp.dim] == out_shape[od]:
-                    key = ShardSpec(od, sp.degree, sp.stride)
+                    key = shard_spec(od, sp.degree, sp.stride)
                     weights[key] = weights.get(key, 0) + s.numel()
         target = max(weights, key=weights.get) if weights else REPLICA
 
@@ -144,7 +144,7 @@ def _plan(lin, inplace, desc):
         if target.is_shard:
             od = target.dim - (n - len(s))
             if od >= 0 and s[od] == out_shape[target.dim]:
-                want = ShardSpec(od, target.degree, target.stride)
+                want = shard_spec(od, target.degree, target.stride)
         move = None if sp == want or (sp is None and want is REPLICA) else want
         acts.append((move, want is REPLICA and not target.is_replicate))
     return target, out_shape, tuple(acts)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..collectives import copy_to_region
 from ..dispatch import UnsupportedOpError
 from ..spec import describe, shard_ranges
-from ._util import (PARTIAL, REPLICA, ShardSpec, ST, group_of, local_index, materialize, rule,
+from ._util import (PARTIAL, REPLICA, ShardSpec, shard_spec, ST, group_of, local_index, materialize, rule,
                     spec_of, to_layout, wrap)
 
 _NAMES = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
@@ -24,8 +24,33 @@ _NAMES = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad
 _DEFAULTS = (None, None, None, None, 2.0, False, False)
 
 
+_OSHAPES: dict = {}
+
+
+def _out_shape(ishape, wshape):
+    r = _OSHAPES.get((ishape, wshape))
+    if r is None:
+        if len(_OSHAPES) > 4096:
+            _OSHAPES.clear()
+        r = _OSHAPES[(ishape, wshape)] = torch.Size(tuple(ishape) + (wshape[1],))
+    return r
+
+
 @rule(F.embedding)
 def embedding(func, args, kwargs):
+    if len(args) == 2:
+        # the hot path: plain ids into a sharded table, no max_norm / scale_grad_by_freq
+        ids, w = args
+        if (type(w) is ST and type(ids) is not ST and w._spec.is_shard and len(w._gshape) == 2
+                and kwargs.get("max_norm") is None and not kwargs.get("scale_grad_by_freq")):
+            ws, pad = w._spec, kwargs.get("padding_idx")
+            oshape = _out_shape(ids.shape, w._gshape)
+            if ws.dim == 1:
+                out = F.embedding(ids, w._local, pad, None, 2.0, False, kwargs.get("sparse", False))
+                return wrap(out, shard_spec(len(oshape) - 1, ws.degree, ws.stride), w._pg, oshape)
+            if ws.degree == 1:   # the one shard is the whole table: no ids to mask
+                out = F.embedding(ids, w._local, pad, None, 2.0, False, kwargs.get("sparse", False))
+                return wrap(out, PARTIAL, w._pg, oshape)
     a = dict(zip(_NAMES, _DEFAULTS))
     a.update(zip(_NAMES, args))
     a.update(kwargs)
@@ -70,13 +95,22 @@ def embedding(func, args, kwargs):
                 f"F.embedding: max_norm needs whole rows, but the table is sharded on the hidden "
                 f"dim ({describe(ws)}); shard it on dim 0 (vocab) or drop max_norm")
         out = F.embedding(il, w._local, pad, None, norm_type, sgf, sparse)
-        return wrap(out, ShardSpec(len(oshape) - 1, ws.degree, ws.stride), pg, oshape)
+        return wrap(out, shard_spec(len(oshape) - 1, ws.degree, ws.stride), pg, oshape)
     return wrap(_vocab_parallel(il, w._local, V, ws, pg.tp_local_rank(), pad, max_norm,
                                 norm_type, sgf, sparse), PARTIAL, pg, oshape)
 
 
 def _vocab_parallel(ids, wl, V, spec: ShardSpec, rank, pad, max_norm, norm_type, sgf, sparse):
     """This rank's summand of a lookup into a vocab-sharded table: its rows, zeros elsewhere."""
+    ranges = shard_ranges(V, spec.degree, spec.stride, rank)
+    if len(ranges) == 1 and max_norm is None and not sgf and wl.shape[0]:
+        # the common case (one block per rank): 8 ops, as in Megatron's VocabParallelEmbedding
+        start, length = ranges[0]
+        lid = ids - start
+        other = (lid < 0) | (lid >= length)          # ids another rank holds
+        lpad = pad - start if pad is not None and start <= pad < start + length else None
+        out = F.embedding(lid.masked_fill(other, 0), wl, lpad, None, norm_type, sgf, sparse)
+        return out.masked_fill(other.unsqueeze(-1), 0)
     lid, mask = local_index(ids, V, spec, rank)
     nloc = wl.shape[0]
     lpad = None

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..collectives import gather_from_region, reduce_from_region
-from ._util import REPLICA, ST, ShardSpec, materialize, rule, wrap
+from ._util import REPLICA, ST, shard_spec, materialize, rule, wrap
 
 T = torch.Tensor
 Tensor = torch.Tensor
@@ -195,7 +195,7 @@ def foreach_norm(func, args, kwargs):
                 return torch.linalg.vector_norm(x, p, dtype=dtype)
             mine = torch.stack([ext(x) for x in locs])
             d, k = pg.tp_world_size(), len(rows)
-            every = gather_from_region(mine, ShardSpec(0, d), d * k, pg, func).view(d, k)
+            every = gather_from_region(mine, shard_spec(0, d), d * k, pg, func).view(d, k)
             norms = every.amax(0) if p > 0 else every.amin(0)
         else:
             sums = torch.stack(torch._foreach_powsum(locs, ord, dtype=dtype))

@@ -32,7 +32,7 @@ import torch
 from ..collectives import all_reduce_, gather_from_region
 from ..dispatch import UnsupportedOpError
 from .. import trace as _trace
-from ._util import (PARTIAL, REPLICA, ST, ShardSpec, group_of, materialize, rule, to_layout,
+from ._util import (PARTIAL, REPLICA, ST, shard_spec, group_of, materialize, rule, to_layout,
                     unwrap, wrap)
 
 T = torch.Tensor
@@ -169,7 +169,7 @@ def _sharded_topk(x, local, k: int, d: int, largest: bool, func):
         gi = torch.cat([gi, torch.full(pad, torch.iinfo(torch.long).max, dtype=torch.long,
                                        device=gi.device)], d)
     world = pg.tp_world_size()
-    spec = ShardSpec(d, world)
+    spec = shard_spec(d, world)
     cv = gather_from_region(lv, spec, world * k, pg, func)          # (..., world*k, ...)
     ci = gather_from_region(gi, spec, world * k, pg, func)
     # order by (value, then the lower index): a stable sort by index, then by value
@@ -505,7 +505,7 @@ def _value_for(vals, dst, il, spec, pg, func):
     oshape = torch.empty(marker, device="meta")[idx].shape
     vd = list(oshape).index(_MARKER) - (len(oshape) - len(vshape))
     if vd >= 0 and vshape[vd] == dst._gshape[spec.dim]:
-        return to_layout(vals, ShardSpec(vd, spec.degree, spec.stride), pg, func)
+        return to_layout(vals, shard_spec(vd, spec.degree, spec.stride), pg, func)
     if vd >= 0 and vshape[vd] != 1:
         raise UnsupportedOpError(f"index_put_: values of shape {tuple(vshape)} do not match the "
                                  f"sharded dim of {tuple(dst._gshape)}")

@@ -15,7 +15,7 @@ import torch
 from ..collectives import copy_to_region
 from ..dispatch import UnsupportedOpError
 from ..spec import shard_ranges
-from ._util import PARTIAL, REPLICA, ST, ShardSpec, group_of, rule, spec_of, to_layout, wrap
+from ._util import PARTIAL, REPLICA, ST, ShardSpec, shard_spec, group_of, rule, spec_of, to_layout, wrap
 
 T = torch.Tensor
 
@@ -75,11 +75,11 @@ def _slices(x, dim: int, bounds: List[Tuple[int, int]], func) -> List[ST]:
         if plan is not None:
             s2, per = plan
             ls, ll = per[rank]
-            out.append(wrap(x._local.narrow(dim, ls, ll), ShardSpec(dim, spec.degree, s2), pg, sh))
+            out.append(wrap(x._local.narrow(dim, ls, ll), shard_spec(dim, spec.degree, s2), pg, sh))
             continue
         if full is None:   # one gather serves every piece that is not local
             full = to_layout(x, REPLICA, pg, func)
-        o = ShardSpec(dim, spec.degree)
+        o = shard_spec(dim, spec.degree)
         out.append(wrap(to_layout(full.narrow(dim, a, l), o, pg, func), o, pg, sh))
     return out
 
@@ -160,7 +160,7 @@ def _select(x, dim: int, i: int, func):
     i %= g[dim]
     if not (spec.is_shard and spec.dim == dim):
         if spec.is_shard and spec.dim > dim:
-            spec = ShardSpec(spec.dim - 1, spec.degree, spec.stride)
+            spec = shard_spec(spec.dim - 1, spec.degree, spec.stride)
         return wrap(x._local.select(dim, i), spec, pg, shape)
     return wrap(_owner_slice(x, dim, i).squeeze(dim), PARTIAL, pg, shape)
 
@@ -261,18 +261,74 @@ def _index_plan(x, idx, func):
     oshape = list(oshape)
     oshape[od] = length
     if (start, length) == (0, g[d]):
-        return idx, ShardSpec(od, spec.degree, spec.stride), tuple(oshape)
+        return idx, shard_spec(od, spec.degree, spec.stride), tuple(oshape)
     plan = slice_plan(g[d], spec, start, length)
     if plan is None:
-        return False, ShardSpec(od, spec.degree), tuple(oshape)
+        return False, shard_spec(od, spec.degree), tuple(oshape)
     s2, per = plan
     ls, ll = per[x._pg.tp_local_rank()]
     local_idx = idx[:p] + (slice(ls, ls + ll),) + idx[p + 1:]
-    return local_idx, ShardSpec(od, spec.degree, s2), tuple(oshape)
+    return local_idx, shard_spec(od, spec.degree, s2), tuple(oshape)
+
+
+_BASIC_ITEMS = (slice, int, type(None), type(Ellipsis))
+
+
+def _basic_getitem(x, idx):
+    """x[idx] for basic indexing (slices, ints, None, ...) that leaves a sharded dim whole (or
+    a replicated / partial x): local, no planning (rotate_half's `x[..., :h]`, `logits[:, -1]`,
+    `tok[:, None]`). None when the general rule is needed."""
+    if type(idx) is not tuple:
+        idx = (idx,)
+    for it in idx:
+        if type(it) not in _BASIC_ITEMS:
+            return None
+    spec = x._spec
+    if not spec.is_shard:
+        out = x._local[idx]
+        return wrap(out, spec, x._pg, out.shape)
+    g = x._gshape
+    nd, d = len(g), spec.dim
+    used = 0
+    for it in idx:
+        if it is not None and it is not Ellipsis:
+            used += 1
+    k = o = 0          # the input dim and the output dim the next item addresses
+    od = None
+    for it in idx:
+        if it is Ellipsis:
+            n = nd - used
+            if k <= d < k + n:
+                od = o + d - k
+            k += n
+            o += n
+        elif it is None:
+            o += 1
+        else:
+            if k == d:
+                if type(it) is not slice or it.start is not None or it.stop is not None \
+                        or it.step is not None:
+                    return None
+                od = o
+            if type(it) is slice:
+                o += 1
+            k += 1
+    if k > nd:
+        return None
+    if od is None:      # the sharded dim is among the trailing dims no item addressed
+        od = o + d - k
+    out = x._local[idx]
+    shape = list(out.shape)
+    shape[od] = g[d]
+    return wrap(out, shard_spec(od, spec.degree, spec.stride), x._pg, shape)
 
 
 @rule(T.__getitem__)
 def getitem(func, args, kwargs):
+    if type(args[0]) is ST:
+        out = _basic_getitem(args[0], args[1])
+        if out is not None:
+            return out
     x, idx = args[0], _plain_index(args[1], func)
     if type(x) is not ST:
         raise UnsupportedOpError("indexing a plain tensor with a sharded index tensor is not "
@@ -333,7 +389,7 @@ def _value_local(v, spec, pg, func, oshape=None):
     vshape = v._gshape if type(v) is ST else v.shape
     vd = spec.dim - (len(oshape) - len(vshape))
     if vd >= 0 and vshape[vd] == oshape[spec.dim] and oshape[spec.dim] != 1:
-        return to_layout(v, ShardSpec(vd, spec.degree, spec.stride), pg, func)
+        return to_layout(v, shard_spec(vd, spec.degree, spec.stride), pg, func)
     # v broadcasts along the sharded dim: every rank writes all of it
     local = to_layout(v, REPLICA, pg, func)
     return copy_to_region(local, pg, func)
@@ -354,8 +410,55 @@ def _gshape(t):
     return tuple(t._gshape) if type(t) is ST else tuple(t.shape)
 
 
+def _cat_same_layout(args, kwargs):
+    """torch.cat of ShardedTensors that all share one layout, not along a sharded dim (rope's
+    `cat((-x2, x1), -1)`, a KV cache's `cat([keys, new], -2)`): local. None otherwise."""
+    if kwargs:
+        if len(args) != 1 or len(kwargs) != 1 or "dim" not in kwargs:
+            return None
+        dim = kwargs["dim"]
+    elif len(args) == 2:
+        dim = args[1]
+    elif len(args) == 1:
+        dim = 0
+    else:
+        return None
+    ts = args[0]
+    if type(dim) is not int or type(ts) not in (list, tuple) or not ts or type(ts[0]) is not ST:
+        return None
+    t0 = ts[0]
+    spec, pg, g = t0._spec, t0._pg, t0._gshape
+    nd = len(g)
+    if nd < 2:          # 1-D: torch.cat's legacy skipping of empty tensors (general rule)
+        return None
+    d = dim % nd
+    sd = spec.dim if spec.is_shard else -1
+    if sd == d:
+        return None
+    n = 0
+    locs = []
+    for t in ts:
+        if type(t) is not ST or t._pg is not pg:
+            return None
+        s = t._spec
+        if s is not spec and s != spec:
+            return None
+        tg = t._gshape
+        if len(tg) != nd or (sd >= 0 and tg[sd] != g[sd]):
+            return None
+        n += tg[d]
+        locs.append(t._local)
+    shape = list(g)
+    shape[d] = n
+    return wrap(torch.cat(locs, d), spec, pg, shape)
+
+
 @rule(torch.cat, torch.concat, torch.concatenate)
 def cat(func, args, kwargs):
+    if args:
+        out = _cat_same_layout(args, kwargs)
+        if out is not None:
+            return out
     tensors = list(args[0] if args else kwargs["tensors"])
     dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
     if "out" in kwargs:
@@ -376,11 +479,11 @@ def cat(func, args, kwargs):
     block = next(s[dim] // t._spec.stride for t, s in zip(tensors, shapes)
                  if type(t) is ST and t._spec.is_shard and t._spec.dim == dim)
     if block and all(s[dim] % block == 0 for s in shapes):
-        out = ShardSpec(dim, spec.degree, sum(s[dim] // block for s in shapes))
-        locals_ = [to_layout(t, ShardSpec(dim, spec.degree, s[dim] // block), pg, func)
+        out = shard_spec(dim, spec.degree, sum(s[dim] // block for s in shapes))
+        locals_ = [to_layout(t, shard_spec(dim, spec.degree, s[dim] // block), pg, func)
                    for t, s in zip(tensors, shapes)]
         return wrap(torch.cat(locals_, dim), out, pg, out_shape)
-    out = ShardSpec(dim, spec.degree)
+    out = shard_spec(dim, spec.degree)
     full = torch.cat([to_layout(t, REPLICA, pg, func) for t in tensors], dim)
     return wrap(to_layout(full, out, pg, func), out, pg, out_shape)
 
@@ -398,6 +501,6 @@ def stack(func, args, kwargs):
     locals_ = [to_layout(t, spec, pg, func) for t in tensors]
     out = spec
     if spec.is_shard and dim <= spec.dim:
-        out = ShardSpec(spec.dim + 1, spec.degree, spec.stride)
+        out = shard_spec(spec.dim + 1, spec.degree, spec.stride)
     return wrap(torch.stack(locals_, dim), out, pg, shape[:dim] + (len(tensors),) + shape[dim:])
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .. import trace as _trace
 from ..collectives import copy_to_region, gather_from_region, reduce_from_region
 from ..dispatch import UnsupportedOpError
-from ._util import (PARTIAL, REPLICA, ShardSpec, ST, copy_once, group_of, rule, spec_of,
+from ._util import (PARTIAL, REPLICA, shard_spec, ST, copy_once, group_of, rule, spec_of,
                     to_layout, unwrap, wrap)
 
 T = torch.Tensor
@@ -72,9 +72,9 @@ def _plan(la: Labels, lb: Labels, lo: Labels, sa, sb, sizes: Tuple[Tuple[str, in
         for stride in sorted(strides or {1}):
             if size[L] % stride:
                 continue
-            ta = ShardSpec(la.index(L), d, stride) if L in la else REPLICA
-            tb = ShardSpec(lb.index(L), d, stride) if L in lb else REPLICA
-            to = ShardSpec(lo.index(L), d, stride) if L in lo else PARTIAL
+            ta = shard_spec(la.index(L), d, stride) if L in la else REPLICA
+            tb = shard_spec(lb.index(L), d, stride) if L in lb else REPLICA
+            to = shard_spec(lo.index(L), d, stride) if L in lo else PARTIAL
             cands.append((ta, tb, to))
     if sa.is_partial:
         cands.append((PARTIAL, REPLICA, PARTIAL))
@@ -107,11 +107,14 @@ def _bias_layout(to, bshape: Sequence[int], oshape: Sequence[int], d: int):
         return REPLICA, False
     j = to.dim - (len(oshape) - len(bshape))
     if j >= 0 and bshape[j] == oshape[to.dim]:
-        return ShardSpec(j, d, to.stride), False
+        return shard_spec(j, d, to.stride), False
     return REPLICA, True          # a broadcast bias: every shard uses all of it
 
 
 # --- the doing part ---------------------------------------------------------------------------
+
+_PLANS: dict = {}   # (labels, shapes, specs, requires_grad, degree) -> _plan's answer
+
 
 def _contract(func, a, b, la: Labels, lb: Labels, lo: Labels, oshape, local_fn, bias=None,
               add_bias=None):
@@ -120,15 +123,22 @@ def _contract(func, a, b, la: Labels, lb: Labels, lo: Labels, oshape, local_fn, 
     pg = group_of(func, a, b, bias)
     d = pg.tp_world_size()
     ga, gb = _gshape(a), _gshape(b)
-    sizes = {}
-    for ls, shape in ((la, ga), (lb, gb)):
-        for lab, n in zip(ls, shape):
-            if lab is not None:
-                sizes[lab] = n
     sa, sb = spec_of(a), spec_of(b)
     rga, rgb = _rg(a), _rg(b)
-    ta, tb, ca, cb, to = _plan(la, lb, lo, sa, sb, tuple(sorted(sizes.items())),
-                               ga.numel(), gb.numel(), rga, rgb, d)
+    key = (la, lb, lo, ga, gb, sa, sb, rga, rgb, d)
+    plan = _PLANS.get(key)
+    if plan is None:
+        sizes = {}
+        for ls, shape in ((la, ga), (lb, gb)):
+            for lab, n in zip(ls, shape):
+                if lab is not None:
+                    sizes[lab] = n
+        plan = _plan(la, lb, lo, sa, sb, tuple(sorted(sizes.items())), ga.numel(), gb.numel(),
+                     rga, rgb, d)
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    ta, tb, ca, cb, to = plan
     al, bl = to_layout(a, ta, pg, func), to_layout(b, tb, pg, func)
     if ca:
         al = copy_once(a, al, pg, func)
@@ -154,7 +164,7 @@ def _contract(func, a, b, la: Labels, lb: Labels, lo: Labels, oshape, local_fn, 
 
 
 def _gshape(x) -> torch.Size:
-    return x._gshape if type(x) is ST else torch.Size(x.shape)
+    return x._gshape if type(x) is ST else x.shape
 
 
 def _rg(x) -> bool:
@@ -189,8 +199,12 @@ def linear(func, args, kwargs):
     """y = x W^T + b. W sharded on dim 0 (out features): column parallel, output sharded on its
     last dim, no forward communication. W sharded on dim 1 with x sharded on its last dim: row
     parallel, output partial (reduced, then the bias added once, when there is a bias)."""
-    x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
-    bias = _arg(args, kwargs, 2, "bias")
+    if kwargs:
+        x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
+        bias = _arg(args, kwargs, 2, "bias")
+    else:
+        x, w = args[0], args[1]
+        bias = args[2] if len(args) > 2 else None
     out = _megatron_fast_path(func, x, w, bias, 0, F.linear)
     if out is not None:
         return out
@@ -263,38 +277,58 @@ def _addmm_local(x, w, b):
     return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
 
 
+_FAST_SHAPES: dict = {}
+
+
+def _fast_shape(xshape, wshape, out_dim: int, ws, column: bool):
+    """(output shape, output spec) of the fast path, cached on the global shapes (slicing a
+    torch.Size costs more than the rest of the rule)."""
+    key = (xshape, wshape, out_dim, ws, column)
+    r = _FAST_SHAPES.get(key)
+    if r is None:
+        oshape = torch.Size(tuple(xshape[:-1]) + (wshape[out_dim],))
+        ospec = shard_spec(len(oshape) - 1, ws.degree, ws.stride) if column else PARTIAL
+        if len(_FAST_SHAPES) > 4096:
+            _FAST_SHAPES.clear()
+        r = _FAST_SHAPES[key] = (oshape, ospec, shard_spec(0, ws.degree, ws.stride))
+    return r
+
+
 def _megatron_fast_path(func, x, w, bias, out_dim: int, local_fn):
     """The two layouts Megatron uses, decided without the planner (the hot path of every
     transformer): column parallel (weight sharded on its output dim `out_dim`, input replicated
     or plain; output sharded, Megatron's f on the input) and row parallel (weight sharded on its
     input dim, input sharded on its last dim alike; output partial, or reduced once and the
     bias added when there is one). Returns None for anything else."""
-    if type(w) is not ST or not w._spec.is_shard or len(w._gshape) != 2:
+    if type(w) is not ST:
         return None
-    ws, pg = w._spec, w._pg
-    if w._compute_spec is not None and w._compute_spec.output_replicate:
+    ws = w._spec
+    if not ws.is_shard or len(w._gshape) != 2 or (
+            w._compute_spec is not None and w._compute_spec.output_replicate):
         return None
+    pg = w._pg
     tx = type(x)
     if ws.dim == out_dim:                                   # column parallel
         if tx is ST:
             if not x._spec.is_replicate or x._pg is not pg:
                 return None
             xl = x._local
+            xshape = x._gshape
         elif isinstance(x, torch.Tensor):
             xl = x
+            xshape = x.shape
         else:
             return None
+        oshape, ospec, bspec = _fast_shape(xshape, w._gshape, out_dim, ws, True)
         if bias is None:
             bl = None
-        elif type(bias) is ST and bias._spec == ShardSpec(0, ws.degree, ws.stride) and bias._pg is pg:
+        elif type(bias) is ST and bias._spec == bspec and bias._pg is pg:
             bl = bias._local
         else:
             return None
         if xl.requires_grad and ws.degree > 1:
             xl = copy_once(x, xl, pg, func)
-        oshape = _gshape(x)[:-1] + w._gshape[out_dim:out_dim + 1]
-        return wrap(local_fn(xl, w._local, bl), ShardSpec(len(oshape) - 1, ws.degree, ws.stride),
-                    pg, oshape)
+        return wrap(local_fn(xl, w._local, bl), ospec, pg, oshape)
     # row parallel: input sharded on its last dim exactly as the weight's input dim
     if tx is not ST or x._pg is not pg:
         return None
@@ -304,7 +338,7 @@ def _megatron_fast_path(func, x, w, bias, out_dim: int, local_fn):
     if bias is not None and not (type(bias) is ST and bias._spec.is_replicate and bias._pg is pg) \
             and not (type(bias) is not ST and isinstance(bias, torch.Tensor)):
         return None
-    oshape = x._gshape[:-1] + w._gshape[out_dim:out_dim + 1]
+    oshape = _fast_shape(x._gshape, w._gshape, out_dim, ws, False)[0]
     out = local_fn(x._local, w._local, None)
     if bias is None:
         return wrap(out, PARTIAL, pg, oshape)
@@ -364,7 +398,7 @@ def matmul(func, args, kwargs):
     a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
     if func is T.__rmatmul__:
         a, b = b, a
-    la, lb, lo, oshape = _matmul_labels(tuple(_gshape(a)), tuple(_gshape(b)))
+    la, lb, lo, oshape = _matmul_labels(_gshape(a), _gshape(b))
     return _contract(func, a, b, la, lb, lo, oshape, lambda x, y, _: torch.matmul(x, y))
 
 

@@ -17,7 +17,7 @@ from torch.nn import _reduction as _Reduction
 from .. import trace as _trace
 from ..collectives import all_reduce_, reduce_from_region
 from ..spec import take_shard
-from ._util import (PARTIAL, REPLICA, ShardSpec, ST, group_of, local_index, materialize, rule,
+from ._util import (PARTIAL, REPLICA, shard_spec, ST, group_of, local_index, materialize, rule,
                     spec_of, to_layout, wrap)
 
 _CE = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
@@ -134,7 +134,7 @@ def _vocab_parallel_nll(func, a, x, target, wfull, c, pg):
 def _vocab_parallel_ce(func, a, x, target, wfull, c, prob, pg):
     xl, spec, gx = x._local, x._spec, x._gshape
     C, eps, rank = gx[c], float(a["label_smoothing"]), pg.tp_local_rank()
-    wl = None if wfull is None else take_shard(wfull, ShardSpec(0, spec.degree, spec.stride),
+    wl = None if wfull is None else take_shard(wfull, shard_spec(0, spec.degree, spec.stride),
                                                rank)
     # the shift: a detached global max per row (it cancels out of the loss and its gradient)
     with torch.no_grad():
@@ -179,7 +179,7 @@ def _row_sharded(func, a, x, target, wfull, c, prob, serial_kw, pg):
     """Logits sharded on a non-class dim: every row's loss is local."""
     xs, gx = x._spec, x._gshape
     tdim = xs.dim if (prob or xs.dim < c) else xs.dim - 1
-    tspec = ShardSpec(tdim, xs.degree, xs.stride)
+    tspec = shard_spec(tdim, xs.degree, xs.stride)
     per = func(x._local, to_layout(target, tspec, pg, func), wfull, reduction="none",
                **serial_kw)
     oshape = _oshape(gx, c)

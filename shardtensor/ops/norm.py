@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..collectives import copy_to_region
-from ._util import (REPLICA, ST, ShardSpec, allreduce_for_shards, group_of, materialize, rule,
+from ._util import (REPLICA, ST, shard_spec, allreduce_for_shards, group_of, materialize, rule,
                     to_layout, wrap)
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -27,7 +27,7 @@ def _param(p, x_spec, nd, k, pg, func):
     if p is None:
         return None
     if x_spec.is_shard and x_spec.dim >= nd - k:     # shard it like the input's normalised dims
-        return to_layout(p, ShardSpec(x_spec.dim - (nd - k), x_spec.degree, x_spec.stride), pg, func)
+        return to_layout(p, shard_spec(x_spec.dim - (nd - k), x_spec.degree, x_spec.stride), pg, func)
     local = to_layout(p, REPLICA, pg, func)
     # a replicated parameter applied to a sharded input: its gradient is a sum over the ranks
     return copy_to_region(local, pg, func) if x_spec.is_shard else local

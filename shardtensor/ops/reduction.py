@@ -19,7 +19,7 @@ from ..collectives import (all_reduce_max_, all_reduce_min_, max_from_region,
                            min_from_region, reduce_from_region)
 from ..dispatch import RULES, UnsupportedOpError
 from ..spec import shard_ranges
-from ._util import (PARTIAL, REPLICA, ST, ShardSpec, allreduce_for_shards, materialize, rule,
+from ._util import (PARTIAL, REPLICA, ST, shard_spec, allreduce_for_shards, materialize, rule,
                     wrap)
 
 T = torch.Tensor
@@ -60,7 +60,7 @@ def _shape(g, dims, keepdim):
 def _kept_spec(spec, dims, keepdim):
     """The layout of a reduction over `dims` not touching the sharded dim."""
     if spec.is_shard and not keepdim:
-        return ShardSpec(spec.dim - sum(k < spec.dim for k in dims), spec.degree, spec.stride)
+        return shard_spec(spec.dim - sum(k < spec.dim for k in dims), spec.degree, spec.stride)
     return spec
 
 
@@ -97,9 +97,39 @@ def _positions(x) -> torch.Tensor:
 _MEANS = {torch.mean, T.mean}
 
 
+def _fast_keep_shape(g, d: int, keepdim: bool, spec):
+    """(output shape, output spec) of a reduction over the one dim `d` off the sharded dim,
+    cached on (shape, dim, keepdim, spec)."""
+    key = (g, d, keepdim, spec)
+    r = _FAST_SHAPES.get(key)
+    if r is None:
+        if len(_FAST_SHAPES) > 4096:
+            _FAST_SHAPES.clear()
+        r = _FAST_SHAPES[key] = (torch.Size(_shape(g, (d,), keepdim)),
+                                 _kept_spec(spec, (d,), keepdim))
+    return r
+
+
+_FAST_SHAPES: dict = {}
+
+
 @rule(torch.sum, T.sum, torch.nansum, T.nansum, torch.mean, T.mean)
 def sum_mean(func, args, kwargs):
     x = args[0]
+    # fast path (RMSNorm's `h.pow(2).mean(-1, keepdim=True)`): one int dim that is not the
+    # sharded one, a floating input; local, the layout kept (a partial sum stays partial)
+    if len(args) == 2 and type(args[1]) is int and (not kwargs or (
+            len(kwargs) == 1 and "keepdim" in kwargs)) and x._local.is_floating_point():
+        g = x._gshape
+        if g:
+            d = args[1] % len(g)
+            spec = x._spec
+            if not (spec.is_shard and spec.dim == d):
+                keepdim = bool(kwargs.get("keepdim", False))
+                shape, ospec = _fast_keep_shape(g, d, keepdim, spec)
+                base = torch.mean if func in _MEANS else (
+                    torch.nansum if func in (torch.nansum, T.nansum) else torch.sum)
+                return wrap(base(x._local, d, keepdim), ospec, x._pg, shape)
     if len(args) > 1 and isinstance(args[1], torch.dtype):
         args, kwargs = (x,), dict(kwargs, dtype=args[1])
     b = _bind(func, args, kwargs, ("dim", "keepdim"), {"dim": None, "keepdim": False, "dtype": None})
@@ -160,7 +190,8 @@ def _arg_extremum(x, dim, keepdim, largest, func, values: bool):
     if dim is None and not keepdim:
         shape = ()
     pg = x._pg
-    if not (spec.is_shard and spec.dim in dims):
+    whole = not (spec.is_shard and spec.dim in dims)
+    if whole or pg.tp_world_size() == 1:   # one rank holds the whole reduced dim: local
         if dim is None:
             v = (local.max() if largest else local.min()) if values else None
             i = local.argmax() if largest else local.argmin()
@@ -169,11 +200,12 @@ def _arg_extremum(x, dim, keepdim, largest, func, values: bool):
                 v = None if v is None else v.reshape((1,) * nd)
             return (None if v is None else wrap(v, REPLICA, pg, shape)), wrap(i, REPLICA, pg, shape)
         out = (local.max if largest else local.min)(dims[0], keepdim=True)
-        ospec = _kept_spec(spec, dims, keepdim)
+        ospec = _kept_spec(spec, dims, keepdim) if whole else REPLICA
         v, i = _squeeze(out.values, dims, keepdim), _squeeze(out.indices, dims, keepdim)
         return wrap(v, ospec, pg, shape) if values else None, wrap(i, ospec, pg, shape)
     d = spec.dim
-    pos = _positions(x)
+    ranges = shard_ranges(g[d], spec.degree, spec.stride, pg.tp_local_rank())
+    pos = _positions(x) if dim is None or len(ranges) > 1 else None
     if dim is None:      # flat index: the local flat winner, mapped to the global flat index
         flat = local.reshape(-1)
         lv = _local_extremum(flat, (0,), largest)
@@ -188,7 +220,7 @@ def _arg_extremum(x, dim, keepdim, largest, func, values: bool):
         lv = _local_extremum(local, dims, largest)
         if local.shape[d]:
             li = (local.argmax if largest else local.argmin)(d, keepdim=True)
-            gi = pos[li]
+            gi = pos[li] if pos is not None else li + ranges[0][0]
         else:
             gi = torch.zeros(lv.shape, dtype=torch.long, device=local.device)
     best = (all_reduce_max_ if largest else all_reduce_min_)(lv.detach().clone(), pg, func)

@@ -16,7 +16,7 @@ import torch
 
 from ..dispatch import UnsupportedOpError
 from ..spec import local_shape, part_sizes
-from ._util import REPLICA, ST, ShardSpec, rule, to_layout, wrap
+from ._util import REPLICA, ST, ShardSpec, shard_spec, rule, to_layout, wrap
 
 T = torch.Tensor
 
@@ -58,7 +58,7 @@ def reshape_plan(ishape: Tuple[int, ...], spec: ShardSpec, oshape: Tuple[int, ..
         if d not in ins:
             continue
         if len(ins) == 1 and len(outs) == 1:
-            return ShardSpec(outs[0], n, s), True
+            return shard_spec(outs[0], n, s), True
         a = [ishape[k] for k in ins]
         j = ins.index(d)
         S = prod(a[:j]) * s                      # the group, flattened, is sharded with stride S
@@ -75,9 +75,9 @@ def reshape_plan(ishape: Tuple[int, ...], spec: ShardSpec, oshape: Tuple[int, ..
             if found:
                 # prefer a real dim, then the smallest stride (a plain shard of the heads dim)
                 jj = min(found, key=lambda k: (c[k] == 1, S // prod(c[:k])))
-                return ShardSpec(outs[jj], n, S // prod(c[:jj])), True
+                return shard_spec(outs[jj], n, S // prod(c[:jj])), True
         target = next((k for k in outs if oshape[k] > 1), None)
-        return (REPLICA if target is None else ShardSpec(target, n)), False
+        return (REPLICA if target is None else shard_spec(target, n)), False
     raise AssertionError("unreachable")
 
 
@@ -100,16 +100,39 @@ def _shape_args(args) -> Sequence[int]:
     return args
 
 
+_LOCAL_RESHAPES: dict = {}
+
+
 def reshape_to(x, oshape, func, view: bool):
     """`x` reshaped to the global shape `oshape` (resolved): the shared body of the view family."""
     gshape, spec = x._gshape, x._spec
-    oshape = _infer(oshape, prod(gshape), "view")
     if not spec.is_shard:
+        # local == global: torch resolves -1 and checks the size (its own error messages)
         local = x._local.view(oshape) if view else x._local.reshape(oshape)
-        return wrap(local, spec, x._pg, oshape)
+        return wrap(local, spec, x._pg, local.shape)
+    # a reshape that was local before: (global out shape, spec, local shape) from the cache
+    key = (gshape, spec, tuple(oshape), x._pg.tp_local_rank())
+    for v in key[2]:
+        if type(v) is not int:
+            key = None
+            break
+    hit = _LOCAL_RESHAPES.get(key) if key is not None else None
+    if hit is not None:
+        oshape, out, lshape = hit
+        local = x._local
+        try:
+            local = local.view(lshape) if view else local.reshape(lshape)
+        except RuntimeError:   # the shard is a non-contiguous slice where the global tensor is not
+            local = local.reshape(lshape)
+        return wrap(local, out, x._pg, oshape)
+    oshape = _infer(oshape, prod(gshape), "view")
     out, local_ok = reshape_plan(tuple(gshape), spec, oshape)
     if local_ok:
         lshape = local_shape(oshape, out, x._pg.tp_local_rank())
+        if key is not None:
+            if len(_LOCAL_RESHAPES) > 4096:
+                _LOCAL_RESHAPES.clear()
+            _LOCAL_RESHAPES[key] = (torch.Size(oshape), out, lshape)
         local = x._local
         try:
             local = local.view(lshape) if view else local.reshape(lshape)
@@ -186,7 +209,7 @@ def _permuted(x, local, perm):
     """Wrap `local` (x's shard permuted by `perm`, a tuple of input dims in output order)."""
     spec = x._spec
     if spec.is_shard:
-        spec = ShardSpec(perm.index(spec.dim), spec.degree, spec.stride)
+        spec = shard_spec(perm.index(spec.dim), spec.degree, spec.stride)
     g = x._gshape
     return wrap(local, spec, x._pg, tuple(g[p] for p in perm))
 
@@ -199,12 +222,28 @@ def _swap_perm(nd, a, b):
     return tuple(perm)
 
 
+_TRANSPOSED: dict = {}
+
+
 @rule(T.transpose, torch.transpose, T.swapaxes, torch.swapaxes, T.swapdims, torch.swapdims)
 def transpose(func, args, kwargs):
     x = args[0]
     a = args[1] if len(args) > 1 else kwargs.get("dim0", kwargs.get("axis0"))
     b = args[2] if len(args) > 2 else kwargs.get("dim1", kwargs.get("axis1"))
-    return _permuted(x, x._local.transpose(a, b), _swap_perm(len(x._gshape), a, b))
+    local = x._local.transpose(a, b)
+    # (output spec, output shape) cached on (shape, spec, dims): a transpose per head reshape
+    key = (x._gshape, x._spec, a, b)
+    hit = _TRANSPOSED.get(key)
+    if hit is None:
+        perm = _swap_perm(len(x._gshape), a, b)
+        spec = x._spec
+        if spec.is_shard:
+            spec = shard_spec(perm.index(spec.dim), spec.degree, spec.stride)
+        g = x._gshape
+        if len(_TRANSPOSED) > 4096:
+            _TRANSPOSED.clear()
+        hit = _TRANSPOSED[key] = (spec, torch.Size(tuple(g[p] for p in perm)))
+    return wrap(local, hit[0], x._pg, hit[1])
 
 
 @rule(T.t, torch.t)
@@ -269,8 +308,12 @@ def movedim(func, args, kwargs):
 
 @rule(T.contiguous)
 def contiguous(func, args, kwargs):
+    """Like torch: the tensor itself when its shard is already contiguous."""
     x = args[0]
-    return wrap(x._local.contiguous(*args[1:], **kwargs), x._spec, x._pg, x._gshape)
+    local = x._local.contiguous(*args[1:], **kwargs)
+    if local is x._local:
+        return x
+    return wrap(local, x._spec, x._pg, x._gshape)
 
 
 # --- adding and removing dims -----------------------------------------------------------------
@@ -283,7 +326,7 @@ def unsqueeze(func, args, kwargs):
     dim %= len(g) + 1
     spec = x._spec
     if spec.is_shard and dim <= spec.dim:
-        spec = ShardSpec(spec.dim + 1, spec.degree, spec.stride)
+        spec = shard_spec(spec.dim + 1, spec.degree, spec.stride)
     return wrap(x._local.unsqueeze(dim), spec, x._pg, g[:dim] + (1,) + g[dim:])
 
 
@@ -302,7 +345,7 @@ def squeeze(func, args, kwargs):
     if spec.is_shard and spec.dim in dims:       # a sharded size-1 dim lives on rank 0 only
         local, spec = to_layout(x, REPLICA, x._pg, func), REPLICA
     if spec.is_shard:
-        spec = ShardSpec(spec.dim - sum(k < spec.dim for k in dims), spec.degree, spec.stride)
+        spec = shard_spec(spec.dim - sum(k < spec.dim for k in dims), spec.degree, spec.stride)
     out = local.squeeze(dims) if dims else local
     return wrap(out, spec, x._pg, tuple(v for k, v in enumerate(g) if k not in dims))
 
@@ -320,7 +363,7 @@ def _expand(x, sizes, func):
     if spec.is_shard and out[spec.dim + k] != g[spec.dim]:   # broadcasting a sharded size-1 dim
         local, spec = to_layout(x, REPLICA, x._pg, func), REPLICA
     if spec.is_shard:
-        spec = ShardSpec(spec.dim + k, spec.degree, spec.stride)
+        spec = shard_spec(spec.dim + k, spec.degree, spec.stride)
     lsizes = local_shape(out, spec, x._pg.tp_local_rank())
     return wrap(local.expand(lsizes), spec, x._pg, out)
 
@@ -349,7 +392,7 @@ def repeat(func, args, kwargs):
     out = tuple(reps[:k]) + tuple(v * r for v, r in zip(g, reps[k:]))
     spec = x._spec
     if spec.is_shard:
-        spec = ShardSpec(spec.dim + k, spec.degree, spec.stride * reps[spec.dim + k])
+        spec = shard_spec(spec.dim + k, spec.degree, spec.stride * reps[spec.dim + k])
     return wrap(x._local.repeat(reps), spec, x._pg, out)
 
 
@@ -375,7 +418,7 @@ def repeat_interleave(func, args, kwargs):
         g[dim] = int(repeats.sum()) if repeats.numel() else 0
         if spec.is_shard and spec.dim == dim:
             full = to_layout(x, REPLICA, x._pg, func)
-            out = ShardSpec(dim, spec.degree)
+            out = shard_spec(dim, spec.degree)
             res = to_layout(full.repeat_interleave(repeats, dim, **kwargs), out, x._pg, func)
             return wrap(res, out, x._pg, g)
         return wrap(local.repeat_interleave(repeats, dim, **kwargs), spec, x._pg, g)
