@@ -2,7 +2,8 @@
 
     python benchmarks/overhead.py [--quick] [--json out.json]
 
-Measures, in one run: per-op cost (add, gelu, linear, matmul, view, embedding) of plain tensors,
+Measures, in one run: per-op cost (add, gelu, linear, matmul, view, transpose, embedding with a
+hidden-split and a vocab-split table; every input laid out beforehand, so each row times one op) of plain tensors,
 DTensor and ShardedTensor; a Linear-GELU-Linear training step (column then row parallel,
 forward + backward) in all three; an AdamW step (foreach) over a parallelized GPT-2's parameters
 against the same step over plain tensors of the local shard sizes. Median of repeated timings.
@@ -67,20 +68,24 @@ def per_op(pg, mesh, api, number, repeat):
     dw = distribute_tensor(w, mesh, [Shard(0)])
     dtab = distribute_tensor(table, mesh, [Shard(1)])
     dids = distribute_tensor(ids, mesh, [Replicate()])  # DTensor refuses plain tensors
+    sxt = sx.T.contiguous()          # matmul operands laid out beforehand: the op alone
+    xt, dxt = x.T.contiguous(), dx.T.contiguous()
+    rx = sx.redistribute(st.ReplicaSpec())   # linear: inputs laid out as the op wants them
+    drx = dx.redistribute(mesh, [Replicate()])
+    vtab = st.ShardedTensor.from_global(table, pg, st.ShardSpec(0, 1))
+    dvtab = distribute_tensor(table, mesh, [Shard(0)])
     cases = {
         "add": (lambda: x + x, lambda: dx + dx, lambda: sx + sx),
         "gelu": (lambda: F.gelu(x), lambda: F.gelu(dx), lambda: F.gelu(sx)),
-        "linear": (lambda: F.linear(x, w), lambda: F.linear(dx.redistribute(mesh, [Replicate()]), dw),
-                   lambda: F.linear(sx.redistribute(st.ReplicaSpec()), sw)),
-        "matmul": (lambda: x @ x.T, lambda: dx @ dx.T, lambda: sx @ sx.T),
+        "linear": (lambda: F.linear(x, w), lambda: F.linear(drx, dw), lambda: F.linear(rx, sw)),
+        "matmul": (lambda: x @ xt, lambda: dx @ dxt, lambda: sx @ sxt),
         "view": (lambda: x.view(8, 4, 4), lambda: dx.view(8, 4, 4), lambda: sx.view(8, 4, 4)),
+        "transpose": (lambda: x.T, lambda: dx.T, lambda: sx.T),
         "embedding": (lambda: F.embedding(ids, table), lambda: F.embedding(dids, dtab),
                       lambda: F.embedding(ids, stab)),
+        "embedding (vocab)": (lambda: F.embedding(ids, table), lambda: F.embedding(dids, dvtab),
+                              lambda: F.embedding(ids, vtab)),
     }
-    # the linear case measures the op alone: inputs laid out as the op wants them
-    rx = sx.redistribute(st.ReplicaSpec())
-    drx = dx.redistribute(mesh, [Replicate()])
-    cases["linear"] = (lambda: F.linear(x, w), lambda: F.linear(drx, dw), lambda: F.linear(rx, sw))
     rows = {}
     for name, (plain, dt, sh) in cases.items():
         p = timeit(plain, number, repeat)
@@ -157,10 +162,10 @@ def main():
                mlp_step=mlp_step(pg, mesh, api, number // 10 or 5, repeat),
                adamw_step=adamw_step(pg, number // 20 or 5, repeat))
     print(f"torch {torch.__version__}, CPU, 1 thread, world 1 (median of {repeat})\n")
-    print(f"{'op':<10} {'plain us':>9} {'DTensor +us':>12} {'shardtensor +us':>16} {'ratio':>6}")
+    print(f"{'op':<18} {'plain us':>9} {'DTensor +us':>12} {'shardtensor +us':>16} {'ratio':>6}")
     for k, r in res["per_op"].items():
         ratio = r["shardtensor_added_us"] / r["dtensor_added_us"] if r["dtensor_added_us"] > 0 else float("nan")
-        print(f"{k:<10} {r['plain_us']:>9.1f} {r['dtensor_added_us']:>12.1f} {r['shardtensor_added_us']:>16.1f} {ratio:>6.2f}")
+        print(f"{k:<18} {r['plain_us']:>9.1f} {r['dtensor_added_us']:>12.1f} {r['shardtensor_added_us']:>16.1f} {ratio:>6.2f}")
     m = res["mlp_step"]
     print(f"\nMLP training step: plain {m['plain_ms']:.3f} ms; DTensor adds {m['dtensor_added_ms']:.3f} ms; "
           f"shardtensor adds {m['shardtensor_added_ms']:.3f} ms ({1 / m['dtensor_ratio_of_added']:.2f} of DTensor's)")

@@ -36,6 +36,7 @@ class ShardSpec:
             raise ValueError(f"ShardSpec degree must be >= 1, got {self.degree}")
         if self.stride < 1:
             raise ValueError(f"ShardSpec stride must be >= 1, got {self.stride}")
+        object.__setattr__(self, "_hash", hash((self.dim, self.degree, self.stride)))
 
     def __repr__(self) -> str:
         s = f", stride={self.stride}" if self.stride != 1 else ""
@@ -64,7 +65,7 @@ class ShardSpec:
                 and self.stride == other.stride)
 
     def __hash__(self) -> int:
-        return hash((self.dim, self.degree, self.stride))
+        return self._hash
 
     is_shard = True
     is_replicate = False
