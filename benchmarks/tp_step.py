@@ -2,6 +2,7 @@
 shardtensor on the unchanged serial model, in one run.
 
     torchrun --nproc-per-node N benchmarks/tp_step.py [--size small|large|both] [--model blocks|gpt2|both]
+                                                      [--graph]
 
 NCCL on GPUs (bf16), gloo on CPU (float32, tiny sizes). tp = world size. Each variant: warm-up,
 then the median of --iters forward+backward steps (CUDA events on GPU), and peak memory per rank.
@@ -167,6 +168,54 @@ def time_step(model, make_input, iters, device, to_full=False):
     return statistics.median(times)
 
 
+def time_graphed(model, make_input, iters, to_full=False):
+    """The same step captured once as a CUDA graph (forward, backward and the collectives of
+    every variant) and replayed: what is left when no Python runs per step. Gradients are
+    accumulated into the buffers the warm-up created."""
+    x = make_input()
+
+    def step():
+        out = model(x)
+        if to_full and isinstance(out, st.ShardedTensor):
+            out = out.full()
+        out.float().mean().backward()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for _ in range(3):
+        g.replay()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        s.record()
+        g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    del g
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def _graph_rows(rows, name, model, make, iters, device, to_full=False):
+    if not GRAPH or device != "cuda":
+        return
+    try:
+        rows[name + "+graph"] = (time_graphed(model, make, iters, to_full), peak_mb(device))
+    except Exception as e:  # noqa: BLE001  (reported in the table)
+        rows[name + "+graph"] = (float("nan"), float("nan"), f"{type(e).__name__}: {e}"[:200])
+
+
+GRAPH = False
+
+
 def peak_mb(device):
     if device != "cuda":
         return float("nan")
@@ -186,6 +235,7 @@ def bench_blocks(size, device, dtype, iters, pg, rank, tp):
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     if rank == 0 or device != "cuda":
         rows["serial"] = (time_step(base, make, iters, device), peak_mb(device))
+        _graph_rows(rows, "serial", base, make, iters, device)
     dist.barrier()
     for name, build in (("megatron", lambda: megatron(base, tp, pg.tp_local_rank(), pg.tp_process_group())),
                         ("dtensor", lambda: dtensor(base, tp, device)),
@@ -195,6 +245,7 @@ def bench_blocks(size, device, dtype, iters, pg, rank, tp):
         try:
             m = build()
             rows[name] = (time_step(m, make, iters, device, to_full=True), peak_mb(device))
+            _graph_rows(rows, name, m, make, iters, device, to_full=True)
         except Exception as e:  # report, keep going
             rows[name] = (float("nan"), float("nan"), f"{type(e).__name__}: {e}"[:200])
         del m
@@ -227,11 +278,13 @@ def bench_gpt2(size, device, dtype, iters, pg, rank, tp):
     rows = {}
     if rank == 0 or device != "cuda":
         rows["serial"] = (time_step(Loss(base), lambda: ids, iters, device), peak_mb(device))
+        _graph_rows(rows, "serial", Loss(base), lambda: ids, iters, device)
     dist.barrier()
     if device == "cuda":
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     m = st.parallelize(copy.deepcopy(base), pg)
     rows["shardtensor"] = (time_step(Loss(m), lambda: ids, iters, device, to_full=True), peak_mb(device))
+    _graph_rows(rows, "shardtensor", Loss(m), lambda: ids, iters, device, to_full=True)
     dist.barrier()
     return rows
 
@@ -241,8 +294,12 @@ def main():
     ap.add_argument("--size", default="both", choices=["small", "large", "both", "cpu"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--model", default="both", choices=["blocks", "gpt2", "both"])
+    ap.add_argument("--graph", action="store_true",
+                    help="also time each variant's step captured as one CUDA graph (GPU)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    global GRAPH
+    GRAPH = a.graph
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     st.init_distributed()
@@ -265,9 +322,9 @@ def main():
             ref_name = "megatron" if "megatron" in rows else "serial"
             ref = rows.get(ref_name, (float("nan"),))[0]
             print(f"\n[{key}] hidden/layers/batch/seq/heads = {SIZES[key.split('/')[1]]}")
-            print(f"{'variant':<12} {'step ms':>9} {'vs ' + ref_name:>12} {'peak MiB':>9}")
+            print(f"{'variant':<18} {'step ms':>9} {'vs ' + ref_name:>12} {'peak MiB':>9}")
             for k, r in rows.items():
-                print(f"{k:<12} {r[0]:>9.2f} {r[0] / ref:>12.3f} {r[1]:>9.0f}" + (f"  {r[2]}" if len(r) > 2 else ""))
+                print(f"{k:<18} {r[0]:>9.2f} {r[0] / ref:>12.3f} {r[1]:>9.0f}" + (f"  {r[2]}" if len(r) > 2 else ""))
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(dict(tp=tp, device=device, torch=torch.__version__, results=results), f, indent=1)

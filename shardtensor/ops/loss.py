@@ -95,9 +95,14 @@ def _targets(func, target, C, ignore_index, wfull, pg, dtype):
     y = to_layout(target, REPLICA, pg, func)
     ignore = y == ignore_index
     bad = ~ignore & ((y < 0) | (y >= C))
-    if bad.any():
+    # checked without reading the value on the host (a device sync that would break CUDA-graph
+    # capture): on GPU a device-side assert, as serial cross_entropy does; on CPU it raises here
+    try:
+        torch._assert_async(~bad.any(), f"{_trace.func_name(func)}: a target is out of bounds "
+                                        f"for {C} classes")
+    except RuntimeError:
         raise IndexError(f"{_trace.func_name(func)}: target {int(y[bad][0])} is out of bounds "
-                         f"for {C} classes")
+                         f"for {C} classes") from None
     ysafe = y.masked_fill(ignore, 0)
     if wfull is None:
         wy = (~ignore).to(dtype)
