@@ -240,6 +240,36 @@ def _generic(func, args, kwargs):
 @rule(*_UNARY, *_SUM, *_MUL, *_DIV, *_OTHER, *_LERP)
 def pointwise(func, args, kwargs):
     """Elementwise op. Fast paths: one ShardedTensor with numbers, two with the same layout."""
+    if not kwargs and type(args[0]) is ST:           # x + y, x * 2, gelu(x): no copies of args
+        x = args[0]
+        spec = x._spec
+        if not spec.is_partial:
+            n = len(args)
+            if n == 1:
+                loc = x._local
+                res = func(loc)
+                if res is not loc:
+                    return wrap(res, spec, x._pg, x._gshape)
+                _sync_requires_grad(x, res)
+                return x
+            if n == 2:
+                y = args[1]
+                if type(y) is ST:
+                    if (y._spec is spec or y._spec == spec) and y._pg is x._pg and \
+                            y._gshape == x._gshape:
+                        loc = x._local
+                        res = func(loc, y._local)
+                        if res is not loc:
+                            return wrap(res, spec, x._pg, x._gshape)
+                        _sync_requires_grad(x, res)
+                        return x
+                elif not isinstance(y, Tensor):
+                    loc = x._local
+                    res = func(loc, y)
+                    if res is not loc:
+                        return wrap(res, spec, x._pg, x._gshape)
+                    _sync_requires_grad(x, res)
+                    return x
     x = args[0] if args else None
     if type(x) is ST and "out" not in kwargs:
         for v in kwargs.values():
