@@ -319,7 +319,12 @@ def _megatron_fast_path(func, x, w, bias, out_dim: int, local_fn):
             xshape = x.shape
         else:
             return None
-        oshape, ospec, bspec = _fast_shape(xshape, w._gshape, out_dim, ws, True)
+        c = w.__dict__.get("_col")                 # the last input shape seen by this weight
+        if c is not None and c[0] == xshape:
+            oshape, ospec, bspec = c[1]
+        else:
+            oshape, ospec, bspec = r = _fast_shape(xshape, w._gshape, out_dim, ws, True)
+            w.__dict__["_col"] = (xshape, r)
         if bias is None:
             bl = None
         elif type(bias) is ST and bias._spec == bspec and bias._pg is pg:
