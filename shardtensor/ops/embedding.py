@@ -38,18 +38,25 @@ def _out_shape(ishape, wshape):
 
 @rule(F.embedding)
 def embedding(func, args, kwargs):
-    if len(args) == 2:
-        # the hot path: plain ids into a sharded table, no max_norm / scale_grad_by_freq
+    if len(args) == 7 and not kwargs:     # nn.Embedding.forward passes all seven
+        ids, w, pad, max_norm, _, sgf, sparse = args
+        hot = max_norm is None and not sgf
+    elif len(args) == 2:
         ids, w = args
-        if (type(w) is ST and type(ids) is not ST and w._spec.is_shard and len(w._gshape) == 2
-                and kwargs.get("max_norm") is None and not kwargs.get("scale_grad_by_freq")):
-            ws, pad = w._spec, kwargs.get("padding_idx")
+        pad, sparse = kwargs.get("padding_idx"), kwargs.get("sparse", False)
+        hot = kwargs.get("max_norm") is None and not kwargs.get("scale_grad_by_freq")
+    else:
+        hot = False
+    if hot:
+        # the hot path: plain ids into a sharded table, no max_norm / scale_grad_by_freq
+        if type(w) is ST and type(ids) is not ST and w._spec.is_shard and len(w._gshape) == 2:
+            ws = w._spec
             oshape = _out_shape(ids.shape, w._gshape)
             if ws.dim == 1:
-                out = F.embedding(ids, w._local, pad, None, 2.0, False, kwargs.get("sparse", False))
+                out = F.embedding(ids, w._local, pad, None, 2.0, False, sparse)
                 return wrap(out, shard_spec(len(oshape) - 1, ws.degree, ws.stride), w._pg, oshape)
             if ws.degree == 1:   # the one shard is the whole table: no ids to mask
-                out = F.embedding(ids, w._local, pad, None, 2.0, False, kwargs.get("sparse", False))
+                out = F.embedding(ids, w._local, pad, None, 2.0, False, sparse)
                 return wrap(out, PARTIAL, w._pg, oshape)
     a = dict(zip(_NAMES, _DEFAULTS))
     a.update(zip(_NAMES, args))
@@ -89,6 +96,9 @@ def embedding(func, args, kwargs):
         return wrap(out, ospec, pg, oshape)
 
     il = to_layout(ids, REPLICA, pg, func)
+    if ws.degree == 1 and ws.dim == 0:   # the one shard is the whole table, in order
+        return wrap(F.embedding(il, w._local, pad, max_norm, norm_type, sgf, sparse), PARTIAL,
+                    pg, oshape)
     if ws.dim == 1:
         if max_norm is not None:
             raise UnsupportedOpError(

@@ -199,8 +199,11 @@ def _arg_extremum(x, dim, keepdim, largest, func, values: bool):
                 i = i.reshape((1,) * nd)
                 v = None if v is None else v.reshape((1,) * nd)
             return (None if v is None else wrap(v, REPLICA, pg, shape)), wrap(i, REPLICA, pg, shape)
-        out = (local.max if largest else local.min)(dims[0], keepdim=True)
         ospec = _kept_spec(spec, dims, keepdim) if whole else REPLICA
+        if not values:      # argmax / argmin: one op
+            i = (local.argmax if largest else local.argmin)(dims[0], keepdim=keepdim)
+            return None, wrap(i, ospec, pg, shape)
+        out = (local.max if largest else local.min)(dims[0], keepdim=True)
         v, i = _squeeze(out.values, dims, keepdim), _squeeze(out.indices, dims, keepdim)
         return wrap(v, ospec, pg, shape) if values else None, wrap(i, ospec, pg, shape)
     d = spec.dim
