@@ -188,8 +188,9 @@ def _row_sharded(func, a, x, target, wfull, c, prob, serial_kw, pg):
     per = func(x._local, to_layout(target, tspec, pg, func), wfull, reduction="none",
                **serial_kw)
     oshape = _oshape(gx, c)
-    if a["reduction"] == "none":
-        return wrap(per, tspec, pg, oshape)
+    if a["reduction"] == "none":   # the output has no class dim (probability targets do)
+        odim = xs.dim if xs.dim < c else xs.dim - 1
+        return wrap(per, shard_spec(odim, xs.degree, xs.stride), pg, oshape)
     if a["reduction"] == "sum":
         return wrap(per.sum(), PARTIAL, pg, torch.Size(()))
     if prob:

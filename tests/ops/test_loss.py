@@ -110,6 +110,15 @@ def test_loss_matches_serial(world, name, data):
             assert events == []
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_probability_targets_rows_sharded_after_class_dim(world):
+    """reduction='none' with probability targets and logits sharded on a dim after the class
+    dim: the per-row loss has no class dim, so its layout is one dim lower (found by hypothesis)."""
+    ospec, _ = run(world, _loss, "cross_entropy", (3, 5, 7), st.ShardSpec(2, world),
+                   {"reduction": "none"}, True, 0)[0]
+    assert ospec == st.ShardSpec(1, world)
+
+
 def _hf_lm_loss(rank):
     """HF's causal-LM loss: logits (B, S, V) vocab-sharded, view(-1, V), ignore_index -100,
     label smoothing; 13 classes over the ranks (uneven)."""
