@@ -164,6 +164,41 @@ class ShardedTensor(torch.Tensor):
     def is_meta(self) -> bool:
         return self._local.is_meta
 
+    # `grad` lives on the shard (the autograd leaf); optimizers read `p.grad` several times per
+    # parameter per step, so it is answered here rather than through the dispatcher (the rules
+    # for `Tensor.grad.__get__/__set__` in ops/meta.py call these same functions)
+    _grad_wrapper: Optional["ShardedTensor"] = None  # the last wrapper `grad` returned
+
+    def _get_grad(self):
+        """The shard's gradient, presented with the tensor's layout (a partial value's gradient
+        is the replicated gradient of the sum); one wrapper per gradient tensor, cached."""
+        g = self._local.grad
+        if g is None:
+            return None
+        cached = self._grad_wrapper
+        if cached is not None and cached._local is g:
+            return cached
+        spec = self._spec
+        if spec.is_partial:
+            from .spec import REPLICA as spec
+        out = self._grad_wrapper = wrap(g, spec, self._pg, self._gshape)
+        return out
+
+    def _set_grad(self, g) -> None:
+        if g is None:
+            self._local.grad = None
+            return
+        if type(g) is not ShardedTensor:
+            raise ShardingError(f"setting .grad of a ShardedTensor with {self._spec!r} needs a "
+                                f"ShardedTensor with the same layout, got a plain tensor; build "
+                                f"it with ShardedTensor.from_global(grad, pg, {self._spec!r})")
+        self._local.grad = g._local if g._spec == self._spec else g.redistribute(self._spec)._local
+
+    def _del_grad(self) -> None:
+        self._local.grad = None
+
+    grad = property(_get_grad, _set_grad, _del_grad)
+
     # --- Python protocol (kept off the dispatch path) ---------------------------------------
     def __hash__(self) -> int:
         return id(self)

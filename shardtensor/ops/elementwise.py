@@ -237,6 +237,32 @@ def _generic(func, args, kwargs):
     return wrap(res, target, pg, out_shape)
 
 
+_BCAST: dict = {}
+
+
+def _bcast_plan(xshape, yshape, spec):
+    """x sharded by `spec` meets a plain y: (output shape, output layout) when y spans the
+    sharded dim with size 1 or not at all (every shard uses all of y, no slicing), else False."""
+    key = (xshape, yshape, spec)
+    r = _BCAST.get(key)
+    if r is None:
+        n = max(len(xshape), len(yshape))
+        od = spec.dim + n - len(xshape)
+        yd = od - (n - len(yshape))
+        r = False
+        if yd < 0 or yshape[yd] == 1:
+            try:
+                oshape = torch.Size(torch.broadcast_shapes(xshape, yshape))
+            except RuntimeError:
+                pass
+            else:
+                r = (oshape, shard_spec(od, spec.degree, spec.stride))
+        if len(_BCAST) > 4096:
+            _BCAST.clear()
+        _BCAST[key] = r
+    return r
+
+
 @rule(*_UNARY, *_SUM, *_MUL, *_DIV, *_OTHER, *_LERP)
 def pointwise(func, args, kwargs):
     """Elementwise op. Fast paths: one ShardedTensor with numbers, two with the same layout."""
@@ -255,15 +281,33 @@ def pointwise(func, args, kwargs):
             if n == 2:
                 y = args[1]
                 if type(y) is ST:
-                    if (y._spec is spec or y._spec == spec) and y._pg is x._pg and \
-                            y._gshape == x._gshape:
-                        loc = x._local
+                    ys = y._spec
+                    if y._pg is x._pg and (ys is spec or ys == spec) and (
+                            y._gshape == x._gshape or spec.is_replicate):
+                        loc = x._local                  # same layout, or both replicated
                         res = func(loc, y._local)
                         if res is not loc:
-                            return wrap(res, spec, x._pg, x._gshape)
+                            return wrap(res, spec, x._pg,
+                                        x._gshape if spec.is_shard else res.shape)
                         _sync_requires_grad(x, res)
                         return x
-                elif not isinstance(y, Tensor):
+                elif isinstance(y, Tensor):                 # a plain tensor: a replicated value
+                    loc = x._local
+                    if spec.is_replicate:
+                        res = func(loc, y)
+                        if res is not loc:
+                            return wrap(res, spec, x._pg, res.shape)
+                        _sync_requires_grad(x, res)
+                        return x
+                    if not y.requires_grad:             # broadcast along the sharded dim: local
+                        plan = _bcast_plan(x._gshape, y.shape, spec)
+                        if plan:
+                            res = func(loc, y)
+                            if res is not loc:
+                                return wrap(res, plan[1], x._pg, plan[0])
+                            _sync_requires_grad(x, res)
+                            return x
+                else:
                     loc = x._local
                     res = func(loc, y)
                     if res is not loc:

@@ -46,36 +46,51 @@ def _is_list(a):
 
 
 def _same_layout_rows(func, args, kwargs, inplace):
-    """The optimizer's case, decided by identity alone: every tensor argument is a list of
-    ShardedTensors whose rows share one (non-partial) spec object, shape object and group (a
-    parameter, its gradient and its state do); numbers and plain scalar tensors elsewhere.
-    One local `_foreach` call. None when anything else is passed."""
-    tl = []
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            if a and isinstance(a[0], Tensor):
-                tl.append(a)
+    """The optimizer's case: every tensor argument is a list of ShardedTensors whose rows share
+    one non-partial layout (spec, global shape, group: a parameter, its gradient and its state
+    share the very objects, so the comparisons answer on identity); numbers or lists of numbers
+    elsewhere. One local `_foreach` call on the shards. None when anything else is passed.
+
+    Kept to a few C-speed passes per list (this runs ~10 times per optimizer step): the first
+    list is checked (ShardedTensor, not partial) while its shards are collected; each other list
+    is compared with it as a whole (`!=` of lists of (spec, shape, group), identity first) and
+    then unwrapped; a list passed twice in a row (`addcmul_(v, g, g)`) is handled once."""
+    new = list(args)
+    selfs = lay0 = None
+    for i, a in enumerate(args):
+        c = a.__class__
+        if c is list or c is tuple:
+            if not a or not isinstance(a[0], Tensor):
+                continue  # a list of numbers (per-row scalars)
+            if selfs is None:
+                locs = []
+                put = locs.append
+                for t in a:
+                    if t.__class__ is not ST or t._spec.is_partial:
+                        return None
+                    put(t._local)
+                selfs, new[i] = a, locs
+                continue
+            if a is args[i - 1]:
+                new[i] = new[i - 1]
+                continue
+            if lay0 is None:
+                lay0 = [(t._spec, t._gshape, t._pg) for t in selfs]
+            if [(t._spec, t._gshape, t._pg) if t.__class__ is ST else None for t in a] != lay0:
+                return None  # (also a length mismatch: the general path raises torch's error)
+            new[i] = [t._local for t in a]
         elif isinstance(a, Tensor):
             return None
-    if not tl or any(isinstance(v, Tensor) or isinstance(v, (list, tuple)) for v in kwargs.values()):
+    if selfs is None:
         return None
-    selfs = tl[0]
-    for row in zip(*tl):
-        s = row[0]
-        if type(s) is not ST:
-            return None
-        sp, sh, pg = s._spec, s._gshape, s._pg
-        if sp.is_partial:
-            return None
-        for t in row[1:]:
-            if type(t) is not ST or t._spec is not sp or t._gshape is not sh or t._pg is not pg:
+    if kwargs:
+        for v in kwargs.values():
+            if isinstance(v, (Tensor, list, tuple)):
                 return None
-    new = [[t._local for t in a] if (isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor))
-           else a for a in args]
     res = func(*new, **kwargs)
     if inplace:
         return list(selfs)
-    return [wrap(loc, s._spec, s._pg, s._gshape) for loc, s in zip(res, selfs)]
+    return [wrap(loc, t._spec, t._pg, t._gshape) for loc, t in zip(res, selfs)]
 
 
 @rule(*_SINGLE)

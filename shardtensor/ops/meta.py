@@ -101,34 +101,15 @@ def retain_grad(func, args, kwargs):
 @rule(T.grad.__get__, T._grad.__get__)
 def get_grad(func, args, kwargs):
     """The shard's gradient, presented with the tensor's layout (a partial value's gradient is
-    the replicated gradient of the sum)."""
-    x = args[0]
-    g = x._local.grad
-    if g is None:
-        return None
-    cached = x.__dict__.get("_grad_wrapper")
-    if cached is not None and cached._local is g:   # optimizers ask several times per step
-        return cached
-    spec = x._spec
-    if spec.is_partial:
-        from ..spec import REPLICA
-        spec = REPLICA
-    out = x.__dict__["_grad_wrapper"] = wrap(g, spec, x._pg, x._gshape)
-    return out
+    the replicated gradient of the sum). `p.grad` itself is answered by the `ShardedTensor.grad`
+    property without dispatch; this serves `Tensor.grad.__get__(p)` and `p._grad`."""
+    return ST._get_grad(args[0])
 
 
 @rule(T.grad.__set__, T._grad.__set__)
 def set_grad(func, args, kwargs):
     x, g = args
-    if g is None:
-        x._local.grad = None
-        return
-    if type(g) is not ST:
-        raise ShardingError(f"setting .grad of a ShardedTensor with {x._spec!r} needs a "
-                            f"ShardedTensor with the same layout, got a plain tensor; build it "
-                            f"with ShardedTensor.from_global(grad, pg, {x._spec!r})")
-    gl = g._local if g._spec == x._spec else g.redistribute(x._spec)._local
-    x._local.grad = gl
+    ST._set_grad(x, g)
 
 
 @rule(T.data.__get__)

@@ -205,6 +205,8 @@ def _operand(kind, shape, spec, domain, pg, rank, seed):
     full = torch.randn(shape, generator=g, dtype=torch.float64)
     if domain == "pos":
         full = full.abs() + 0.5
+    if kind == "const":            # a plain tensor that needs no gradient (rope's cos/sin)
+        return full, None
     full.requires_grad_()
     return make(full, spec if kind == "st" else None, pg, rank, seed), full
 
@@ -236,6 +238,9 @@ def _serial(case, a_desc, b_desc, seed):
         full = torch.randn(shape, generator=g, dtype=torch.float64)
         if domain == "pos":
             full = full.abs() + 0.5
+        if kind == "const":
+            vals.append((full, None))
+            continue
         full.requires_grad_()
         vals.append((full, full))
     out = fn(vals[0][0], vals[1][0])
@@ -266,8 +271,8 @@ def _run_binary(world, data, case, inplace):
     name, fn, da, db = case[:4]
     a_num = not inplace and case[4]
     b_num = case[4] if inplace else case[5]
-    kinds_a = ["st", "st", "plain"] + (["number"] if a_num else [])
-    kinds_b = ["st", "st", "plain"] + (["number"] if b_num else [])
+    kinds_a = ["st", "st", "plain", "const"] + (["number"] if a_num else [])
+    kinds_b = ["st", "st", "plain", "const"] + (["number"] if b_num else [])
     ka = data.draw(hs.sampled_from(kinds_a))
     kb = data.draw(hs.sampled_from(kinds_b if ka == "st" else ["st"]))
     if name == "copy_" and ka != "st":
