@@ -27,17 +27,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import shardtensor as st  # noqa: E402
 
 
-def timeit(fn, number: int, repeat: int) -> float:
-    """Median seconds per call."""
-    for _ in range(max(3, number // 10)):
-        fn()
-    runs = []
+def timeit(fns, number: int, repeat: int):
+    """Median seconds per call of each of `fns`, timed in interleaved blocks (a block of
+    `number` calls of each in turn, `repeat` rounds), so a noisy machine slows all alike."""
+    for f in fns:
+        for _ in range(max(3, number // 10)):
+            f()
+    runs = [[] for _ in fns]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        runs.append((time.perf_counter() - t0) / number)
-    return statistics.median(runs)
+        for f, r in zip(fns, runs):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                f()
+            r.append((time.perf_counter() - t0) / number)
+    return [statistics.median(r) for r in runs]
 
 
 def dtensor_api():
@@ -88,9 +91,7 @@ def per_op(pg, mesh, api, number, repeat):
     }
     rows = {}
     for name, (plain, dt, sh) in cases.items():
-        p = timeit(plain, number, repeat)
-        d = timeit(dt, number // 4 or 1, repeat)
-        s = timeit(sh, number, repeat)
+        p, d, s = timeit((plain, dt, sh), number // 4 or 1, repeat)
         rows[name] = dict(plain_us=p * 1e6, dtensor_added_us=(d - p) * 1e6,
                           shardtensor_added_us=(s - p) * 1e6)
     return rows
@@ -122,9 +123,7 @@ def mlp_step(pg, mesh, api, number, repeat):
                 out = out.full()
             out.sum().backward()
         return f
-    p = timeit(step(plain), number, repeat)
-    d = timeit(step(dt), number // 4 or 1, repeat)
-    s = timeit(step(sh, full=True), number, repeat)
+    p, d, s = timeit((step(plain), step(dt), step(sh, full=True)), number // 4 or 1, repeat)
     return dict(plain_ms=p * 1e3, dtensor_added_ms=(d - p) * 1e3, shardtensor_added_ms=(s - p) * 1e3,
                 dtensor_ratio_of_added=(d - p) / max(s - p, 1e-9))
 
@@ -140,8 +139,7 @@ def adamw_step(pg, number, repeat):
         p.grad = torch.zeros_like(p)
     o1 = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     o2 = torch.optim.AdamW(plain, lr=1e-3, foreach=True)
-    s = timeit(o1.step, number, repeat)
-    p = timeit(o2.step, number, repeat)
+    s, p = timeit((o1.step, o2.step), number, repeat)
     return dict(plain_ms=p * 1e3, shardtensor_ms=s * 1e3, ratio=s / p)
 
 
@@ -150,7 +148,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="few iterations (a smoke run)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    number, repeat = (50, 3) if a.quick else (2000, 7)
+    number, repeat = (50, 3) if a.quick else (2000, 31)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(st.launch.__globals__["free_port"]()))
     torch.set_num_threads(1)

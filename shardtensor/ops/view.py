@@ -205,13 +205,26 @@ def unflatten(func, args, kwargs):
 
 # --- permutations ---------------------------------------------------------------------------------
 
+_PERMUTED: dict = {}
+
+
 def _permuted(x, local, perm):
-    """Wrap `local` (x's shard permuted by `perm`, a tuple of input dims in output order)."""
-    spec = x._spec
-    if spec.is_shard:
-        spec = shard_spec(perm.index(spec.dim), spec.degree, spec.stride)
-    g = x._gshape
-    return wrap(local, spec, x._pg, tuple(g[p] for p in perm))
+    """Wrap `local` (x's shard permuted by `perm`, a tuple of input dims in output order); the
+    output layout and shape are cached on (shape, spec, perm)."""
+    key = (x._gshape, x._spec, perm)
+    hit = _PERMUTED.get(key)
+    if hit is None:
+        spec = x._spec
+        if spec.is_shard:
+            spec = shard_spec(perm.index(spec.dim), spec.degree, spec.stride)
+        g = x._gshape
+        if len(_PERMUTED) > 4096:
+            _PERMUTED.clear()
+        hit = _PERMUTED[key] = (spec, torch.Size(tuple(g[p] for p in perm)))
+    return wrap(local, hit[0], x._pg, hit[1])
+
+
+_REVERSED = tuple(tuple(reversed(range(n))) for n in range(9))
 
 
 def _swap_perm(nd, a, b):
@@ -254,8 +267,11 @@ def t(func, args, kwargs):
 
 def _t_property(x, reverse: bool, conj: bool):
     nd = len(x._gshape)
-    perm = tuple(reversed(range(nd))) if reverse else _swap_perm(nd, -2, -1)
-    local = x._local.permute(perm)
+    if reverse:
+        perm = _REVERSED[nd] if nd < len(_REVERSED) else tuple(reversed(range(nd)))
+    else:
+        perm = _swap_perm(nd, -2, -1)
+    local = x._local.t() if nd == 2 and not conj else x._local.permute(perm)
     if conj and local.is_complex():
         local = local.conj()
     return _permuted(x, local, perm)
