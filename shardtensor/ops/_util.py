@@ -15,6 +15,18 @@ from ..tensor import ShardedTensor, wrap  # noqa: F401
 ST = ShardedTensor
 
 
+_CACHE_LIMIT = 4096
+
+
+def remember(cache: dict, key, value):
+    """Store a pure layout decision in one of the rules' caches and return it. A cache that
+    outgrows _CACHE_LIMIT entries (ever-changing shapes) starts over."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def unwrap(x):
     return x._local if type(x) is ST else x
 

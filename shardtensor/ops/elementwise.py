@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..collectives import copy_to_region, redistribute_local
 from ..spec import take_shard
 from ._util import (PARTIAL, REPLICA, ST, ShardingError, shard_spec, group_of, materialize,
-                    rule, to_layout, wrap)
+                    remember, rule, to_layout, wrap)
 from ..dispatch import UnsupportedOpError
 from .. import trace as _trace
 
@@ -257,97 +257,64 @@ def _bcast_plan(xshape, yshape, spec):
                 pass
             else:
                 r = (oshape, shard_spec(od, spec.degree, spec.stride))
-        if len(_BCAST) > 4096:
-            _BCAST.clear()
-        _BCAST[key] = r
+        remember(_BCAST, key, r)
     return r
+
+
+def _local_result(x, loc, res, spec, shape):
+    """The op ran on x's shard `loc`: x itself after an in-place op, else a new ShardedTensor."""
+    if res is loc:
+        _sync_requires_grad(x, res)
+        return x
+    return wrap(res, spec, x._pg, shape)
 
 
 @rule(*_UNARY, *_SUM, *_MUL, *_DIV, *_OTHER, *_LERP)
 def pointwise(func, args, kwargs):
-    """Elementwise op. Fast paths: one ShardedTensor with numbers, two with the same layout."""
-    if not kwargs and type(args[0]) is ST:           # x + y, x * 2, gelu(x): no copies of args
-        x = args[0]
-        spec = x._spec
-        if not spec.is_partial:
-            n = len(args)
-            if n == 1:
-                loc = x._local
-                res = func(loc)
-                if res is not loc:
-                    return wrap(res, spec, x._pg, x._gshape)
-                _sync_requires_grad(x, res)
-                return x
-            if n == 2:
-                y = args[1]
-                if type(y) is ST:
-                    ys = y._spec
-                    if y._pg is x._pg and (ys is spec or ys == spec) and (
-                            y._gshape == x._gshape or spec.is_replicate):
-                        loc = x._local                  # same layout, or both replicated
-                        res = func(loc, y._local)
-                        if res is not loc:
-                            return wrap(res, spec, x._pg,
-                                        x._gshape if spec.is_shard else res.shape)
-                        _sync_requires_grad(x, res)
-                        return x
-                elif isinstance(y, Tensor):                 # a plain tensor: a replicated value
-                    loc = x._local
-                    if spec.is_replicate:
-                        res = func(loc, y)
-                        if res is not loc:
-                            return wrap(res, spec, x._pg, res.shape)
-                        _sync_requires_grad(x, res)
-                        return x
-                    if not y.requires_grad:             # broadcast along the sharded dim: local
-                        plan = _bcast_plan(x._gshape, y.shape, spec)
-                        if plan:
-                            res = func(loc, y)
-                            if res is not loc:
-                                return wrap(res, plan[1], x._pg, plan[0])
-                            _sync_requires_grad(x, res)
-                            return x
-                else:
-                    loc = x._local
-                    res = func(loc, y)
-                    if res is not loc:
-                        return wrap(res, spec, x._pg, x._gshape)
-                    _sync_requires_grad(x, res)
-                    return x
+    """Elementwise op. Local fast paths, no planning: x with numbers; x with a ShardedTensor of
+    its layout (or both replicated); a replicated x with a plain tensor; a sharded x with a plain
+    tensor that broadcasts along the sharded dim and needs no gradient (rope's cos/sin). A
+    partial x stays partial with numbers where the op is linear in it. The rest: `_generic`."""
     x = args[0] if args else None
-    if type(x) is ST and "out" not in kwargs:
+    if type(x) is not ST or "out" in kwargs:
+        return _generic(func, args, kwargs)
+    if kwargs:
         for v in kwargs.values():
             if isinstance(v, Tensor):
                 return _generic(func, args, kwargs)
-        y = args[1] if len(args) > 1 else None
-        if len(args) > 2:
-            for v in args[2:]:
-                if isinstance(v, Tensor):
-                    return _generic(func, args, kwargs)
-        spec = x._spec
-        if y is None or not isinstance(y, Tensor):
-            if spec.is_partial and (func not in _KEEPS_PARTIAL_ALONE
-                                    or kwargs.get("rounding_mode") is not None):
-                loc = materialize(x, func)
-                res = func(loc, *args[1:], **kwargs)
-                if res is loc or func in _INPLACE:
-                    return _rebind(x, res, REPLICA)
-                return wrap(res, REPLICA, x._pg, x._gshape)
-            loc = x._local
+    n = len(args)
+    if n > 2:
+        for v in args[2:]:
+            if isinstance(v, Tensor):
+                return _generic(func, args, kwargs)
+    spec, loc = x._spec, x._local
+    y = args[1] if n > 1 else None
+    if not isinstance(y, Tensor):                   # x alone, or with numbers
+        if spec.is_partial and (func not in _KEEPS_PARTIAL_ALONE
+                                or kwargs.get("rounding_mode") is not None):
+            loc = materialize(x, func)
             res = func(loc, *args[1:], **kwargs)
-            if res is loc:
-                _sync_requires_grad(x, res)
-                return x
-            return wrap(res, spec, x._pg, x._gshape)
-        if (type(y) is ST and y._spec == spec and y._gshape == x._gshape and y._pg is x._pg
-                and not spec.is_partial):
-            loc = x._local
-            res = func(loc, y._local, *args[2:], **kwargs)
-            if res is loc:
-                _sync_requires_grad(x, res)
-                return x
-            return wrap(res, spec, x._pg, x._gshape)
-    return _generic(func, args, kwargs)
+            if res is loc or func in _INPLACE:
+                return _rebind(x, res, REPLICA)
+            return wrap(res, REPLICA, x._pg, x._gshape)
+        res = func(loc) if n == 1 and not kwargs else func(loc, *args[1:], **kwargs)
+        return _local_result(x, loc, res, spec, x._gshape)
+    if spec.is_partial:
+        return _generic(func, args, kwargs)
+    shape = x._gshape
+    if type(y) is ST:
+        ys = y._spec
+        if y._pg is not x._pg or not (ys is spec or ys == spec) or (
+                y._gshape != shape and not spec.is_replicate):
+            return _generic(func, args, kwargs)
+        y = y._local                                # same layout, or both replicated
+    elif not spec.is_replicate:                     # a plain tensor: a replicated value
+        plan = False if y.requires_grad else _bcast_plan(shape, y.shape, spec)
+        if not plan:
+            return _generic(func, args, kwargs)
+        shape, spec = plan
+    res = func(loc, y) if n == 2 and not kwargs else func(loc, y, *args[2:], **kwargs)
+    return _local_result(x, loc, res, spec, res.shape if spec.is_replicate else shape)
 
 
 @rule(torch.where, T.where)

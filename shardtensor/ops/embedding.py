@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from ..collectives import copy_to_region
 from ..dispatch import UnsupportedOpError
 from ..spec import describe, shard_ranges
-from ._util import (PARTIAL, REPLICA, ShardSpec, shard_spec, ST, group_of, local_index, materialize, rule,
-                    spec_of, to_layout, wrap)
+from ._util import (PARTIAL, REPLICA, ShardSpec, ST, group_of, local_index, materialize,
+                    remember, rule, shard_spec, spec_of, to_layout, wrap)
 
 _NAMES = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
           "sparse")
@@ -30,9 +30,7 @@ _OSHAPES: dict = {}
 def _out_shape(ishape, wshape):
     r = _OSHAPES.get((ishape, wshape))
     if r is None:
-        if len(_OSHAPES) > 4096:
-            _OSHAPES.clear()
-        r = _OSHAPES[(ishape, wshape)] = torch.Size(tuple(ishape) + (wshape[1],))
+        r = remember(_OSHAPES, (ishape, wshape), torch.Size(tuple(ishape) + (wshape[1],)))
     return r
 
 

@@ -15,7 +15,8 @@ import torch
 from ..collectives import copy_to_region
 from ..dispatch import UnsupportedOpError
 from ..spec import shard_ranges
-from ._util import PARTIAL, REPLICA, ST, ShardSpec, shard_spec, group_of, rule, spec_of, to_layout, wrap
+from ._util import (PARTIAL, REPLICA, ST, ShardSpec, group_of, rule, shard_spec, spec_of,
+                    to_layout, wrap)
 
 T = torch.Tensor
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .. import trace as _trace
 from ..collectives import copy_to_region, gather_from_region, reduce_from_region
 from ..dispatch import UnsupportedOpError
-from ._util import (PARTIAL, REPLICA, shard_spec, ST, copy_once, group_of, rule, spec_of,
+from ._util import (PARTIAL, REPLICA, shard_spec, ST, copy_once, group_of, remember, rule, spec_of,
                     to_layout, unwrap, wrap)
 
 T = torch.Tensor
@@ -135,9 +135,7 @@ def _contract(func, a, b, la: Labels, lb: Labels, lo: Labels, oshape, local_fn, 
                     sizes[lab] = n
         plan = _plan(la, lb, lo, sa, sb, tuple(sorted(sizes.items())), ga.numel(), gb.numel(),
                      rga, rgb, d)
-        if len(_PLANS) > 4096:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        remember(_PLANS, key, plan)
     ta, tb, ca, cb, to = plan
     al, bl = to_layout(a, ta, pg, func), to_layout(b, tb, pg, func)
     if ca:
@@ -288,9 +286,7 @@ def _fast_shape(xshape, wshape, out_dim: int, ws, column: bool):
     if r is None:
         oshape = torch.Size(tuple(xshape[:-1]) + (wshape[out_dim],))
         ospec = shard_spec(len(oshape) - 1, ws.degree, ws.stride) if column else PARTIAL
-        if len(_FAST_SHAPES) > 4096:
-            _FAST_SHAPES.clear()
-        r = _FAST_SHAPES[key] = (oshape, ospec, shard_spec(0, ws.degree, ws.stride))
+        r = remember(_FAST_SHAPES, key, (oshape, ospec, shard_spec(0, ws.degree, ws.stride)))
     return r
 
 

@@ -179,6 +179,10 @@ def register_post_accumulate_grad_hook(func, args, kwargs):
     return x._local.register_post_accumulate_grad_hook(local_hook)
 
 
+# the wrapper's own state, and the rules' per-tensor caches (a copy rebuilds them on use)
+_NOT_COPIED = ("_local", "_spec", "_pg", "_gshape", "_compute_spec", "_grad_wrapper", "_col", "_f")
+
+
 @rule(T.__deepcopy__)
 def deepcopy(func, args, kwargs):
     x, memo = args[0], (args[1] if len(args) > 1 else kwargs.get("memo", {}))
@@ -192,7 +196,7 @@ def deepcopy(func, args, kwargs):
     if x._local.grad is not None:
         local.grad = x._local.grad.clone()
     for k, v in x.__dict__.items():
-        if k not in ("_local", "_spec", "_pg", "_gshape", "_compute_spec"):
+        if k not in _NOT_COPIED:
             out.__dict__[k] = copy.deepcopy(v, memo)
     memo[id(x)] = out
     return out

@@ -27,7 +27,8 @@ def _param(p, x_spec, nd, k, pg, func):
     if p is None:
         return None
     if x_spec.is_shard and x_spec.dim >= nd - k:     # shard it like the input's normalised dims
-        return to_layout(p, shard_spec(x_spec.dim - (nd - k), x_spec.degree, x_spec.stride), pg, func)
+        spec = shard_spec(x_spec.dim - (nd - k), x_spec.degree, x_spec.stride)
+        return to_layout(p, spec, pg, func)
     local = to_layout(p, REPLICA, pg, func)
     # a replicated parameter applied to a sharded input: its gradient is a sum over the ranks
     return copy_to_region(local, pg, func) if x_spec.is_shard else local

@@ -19,8 +19,8 @@ from ..collectives import (all_reduce_max_, all_reduce_min_, max_from_region,
                            min_from_region, reduce_from_region)
 from ..dispatch import RULES, UnsupportedOpError
 from ..spec import shard_ranges
-from ._util import (PARTIAL, REPLICA, ST, shard_spec, allreduce_for_shards, materialize, rule,
-                    wrap)
+from ._util import (PARTIAL, REPLICA, ST, allreduce_for_shards, materialize, remember, rule,
+                    shard_spec, wrap)
 
 T = torch.Tensor
 
@@ -103,10 +103,8 @@ def _fast_keep_shape(g, d: int, keepdim: bool, spec):
     key = (g, d, keepdim, spec)
     r = _FAST_SHAPES.get(key)
     if r is None:
-        if len(_FAST_SHAPES) > 4096:
-            _FAST_SHAPES.clear()
-        r = _FAST_SHAPES[key] = (torch.Size(_shape(g, (d,), keepdim)),
-                                 _kept_spec(spec, (d,), keepdim))
+        r = remember(_FAST_SHAPES, key, (torch.Size(_shape(g, (d,), keepdim)),
+                                         _kept_spec(spec, (d,), keepdim)))
     return r
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..dispatch import UnsupportedOpError
 from ..spec import local_shape, part_sizes
-from ._util import REPLICA, ST, ShardSpec, shard_spec, rule, to_layout, wrap
+from ._util import REPLICA, ST, ShardSpec, shard_spec, remember, rule, to_layout, wrap
 
 T = torch.Tensor
 
@@ -130,9 +130,7 @@ def reshape_to(x, oshape, func, view: bool):
     if local_ok:
         lshape = local_shape(oshape, out, x._pg.tp_local_rank())
         if key is not None:
-            if len(_LOCAL_RESHAPES) > 4096:
-                _LOCAL_RESHAPES.clear()
-            _LOCAL_RESHAPES[key] = (torch.Size(oshape), out, lshape)
+            remember(_LOCAL_RESHAPES, key, (torch.Size(oshape), out, lshape))
         local = x._local
         try:
             local = local.view(lshape) if view else local.reshape(lshape)
@@ -218,15 +216,14 @@ def _permuted(x, local, perm):
         if spec.is_shard:
             spec = shard_spec(perm.index(spec.dim), spec.degree, spec.stride)
         g = x._gshape
-        if len(_PERMUTED) > 4096:
-            _PERMUTED.clear()
-        hit = _PERMUTED[key] = (spec, torch.Size(tuple(g[p] for p in perm)))
+        hit = remember(_PERMUTED, key, (spec, torch.Size(tuple(g[p] for p in perm))))
     return wrap(local, hit[0], x._pg, hit[1])
 
 
 _REVERSED = tuple(tuple(reversed(range(n))) for n in range(9))
 
 
+@lru_cache(maxsize=1024)
 def _swap_perm(nd, a, b):
     perm = list(range(nd))
     if nd:
@@ -235,28 +232,12 @@ def _swap_perm(nd, a, b):
     return tuple(perm)
 
 
-_TRANSPOSED: dict = {}
-
-
 @rule(T.transpose, torch.transpose, T.swapaxes, torch.swapaxes, T.swapdims, torch.swapdims)
 def transpose(func, args, kwargs):
     x = args[0]
     a = args[1] if len(args) > 1 else kwargs.get("dim0", kwargs.get("axis0"))
     b = args[2] if len(args) > 2 else kwargs.get("dim1", kwargs.get("axis1"))
-    local = x._local.transpose(a, b)
-    # (output spec, output shape) cached on (shape, spec, dims): a transpose per head reshape
-    key = (x._gshape, x._spec, a, b)
-    hit = _TRANSPOSED.get(key)
-    if hit is None:
-        perm = _swap_perm(len(x._gshape), a, b)
-        spec = x._spec
-        if spec.is_shard:
-            spec = shard_spec(perm.index(spec.dim), spec.degree, spec.stride)
-        g = x._gshape
-        if len(_TRANSPOSED) > 4096:
-            _TRANSPOSED.clear()
-        hit = _TRANSPOSED[key] = (spec, torch.Size(tuple(g[p] for p in perm)))
-    return wrap(local, hit[0], x._pg, hit[1])
+    return _permuted(x, x._local.transpose(a, b), _swap_perm(len(x._gshape), a, b))
 
 
 @rule(T.t, torch.t)

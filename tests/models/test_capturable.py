@@ -37,10 +37,6 @@ class HostReads:
         return False
 
 
-def _value_reads(calls):
-    return sorted(calls)
-
-
 def _train_and_decode(rank, arch):
     from transformers import StaticCache
     pg = st.ProcessGroup()
@@ -54,7 +50,7 @@ def _train_and_decode(rank, arch):
         m(**batch).loss.backward()                       # first call: lazy setup off the record
         with HostReads() as rec:
             m(**batch).loss.backward()
-        train = _value_reads(rec.calls)
+        train = sorted(rec.calls)
         with torch.no_grad():
             cache = StaticCache(config=m.config, max_cache_len=ids.shape[1] + 4)
             m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ids.shape[1]))
@@ -63,7 +59,7 @@ def _train_and_decode(rank, arch):
             with HostReads() as rec:
                 logits = m(**step).logits
                 torch.argmax(logits[:, -1], -1)
-        out[name] = (train, _value_reads(rec.calls))
+        out[name] = (train, sorted(rec.calls))
     return out
 
 
