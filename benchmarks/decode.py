@@ -125,16 +125,49 @@ class MegatronLlama(nn.Module):
             x = x + self._ar(F.linear(a.transpose(1, 2).reshape(b, s, hq), L["o"]))
             gate, up = F.linear(self._rms(x, L["ln2"]), L["gu"]).chunk(2, -1)
             x = x + self._ar(F.linear(F.silu(gate) * up, L["down"]))
+        return self._next(x)
+
+    def _next(self, x):
+        """Greedy next token from vocab-parallel logits: a (value, index) reduction."""
         logits = F.linear(self._rms(x[:, -1], self.norm), self.head).float()
         val, idx = logits.max(-1)
         if self.tp == 1:
             return idx
         pair = torch.stack([val.double(), (idx + self.vstart).double()], -1)
-        allp = [torch.empty_like(pair) for _ in range(self.tp)]
-        dist.all_gather(allp, pair, group=self.group)
-        allp = torch.stack(allp)                        # (tp, b, 2): first maximum wins
-        best = allp[..., 0].argmax(0)
+        allp = pair.new_empty((self.tp * pair.shape[0], 2))
+        dist.all_gather_into_tensor(allp, pair, group=self.group)
+        allp = allp.view(self.tp, -1, 2)                # (tp, b, 2)
+        best = allp[..., 0].argmax(0)                   # the first maximum wins
         return allp[..., 1].gather(0, best[None])[0].long()
+
+    def step(self, ids, pos):
+        """`forward` with the position as a device tensor (shape (1,)) instead of a Python int:
+        cache writes by `index_copy_`, attention over the whole cache under a mask (what HF's
+        StaticCache does), so one call records as a CUDA graph and replays at any position."""
+        b, s = ids.shape
+        n = self.embed.shape[0]
+        local = ids - self.vstart
+        ok = (local >= 0) & (local < n)
+        x = self._ar(F.embedding(local.clamp(0, n - 1), self.embed) * ok[..., None])
+        positions = pos + torch.arange(s, device=ids.device)                # (s,)
+        cos, sin = self.rotary(x, positions[None].expand(b, s))
+        cos, sin = cos[:, None], sin[:, None]
+        slots = torch.arange(self.layers[0]["k"].shape[2], device=ids.device)
+        mask = (slots[None] <= positions[:, None])[None, None]              # (1, 1, s, max_len)
+        hq, hk = self.nh * self.hd, self.nkv * self.hd
+        for L in self.layers:
+            y = self._rms(x, L["ln1"])
+            q, k, v = F.linear(y, L["qkv"]).split([hq, hk, hk], -1)
+            q = self._rope(q.view(b, s, self.nh, self.hd).transpose(1, 2), cos, sin)
+            k = self._rope(k.view(b, s, self.nkv, self.hd).transpose(1, 2), cos, sin)
+            L["k"].index_copy_(2, positions, k)
+            L["v"].index_copy_(2, positions, v.view(b, s, self.nkv, self.hd).transpose(1, 2))
+            a = F.scaled_dot_product_attention(q, L["k"], L["v"], attn_mask=mask,
+                                               enable_gqa=True)
+            x = x + self._ar(F.linear(a.transpose(1, 2).reshape(b, s, hq), L["o"]))
+            gate, up = F.linear(self._rms(x, L["ln2"]), L["gu"]).chunk(2, -1)
+            x = x + self._ar(F.linear(F.silu(gate) * up, L["down"]))
+        return self._next(x)
 
 
 # --- the decode loop every variant runs ------------------------------------------------------------
@@ -240,6 +273,44 @@ def megatron_decode(model, ids, new, timer):
     return toks, times
 
 
+def megatron_static_decode(model, ids, new, timer, graph=False):
+    """The hand-written floor's decode step on fixed buffers (`MegatronLlama.step`); with
+    `graph`, captured once as a CUDA graph and replayed per token, like `static_decode`."""
+    p = ids.shape[1]
+    tok = model(ids, 0)                                    # prefill: the eager path
+    toks, times = [tok], []
+    s_tok = tok[:, None].clone()
+    s_pos = torch.full((1,), p, dtype=torch.long, device=ids.device)
+    if graph and ids.is_cuda:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):   # warm-up outside the graph (rewrites slot p, as step 0 will)
+                model.step(s_tok, s_pos)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            s_out = model.step(s_tok, s_pos)
+    else:
+        graph = False
+    for i in range(new - 1):
+        t0 = timer.mark()
+        s_tok.copy_(tok[:, None])
+        s_pos.fill_(p + i)
+        if graph:
+            g.replay()
+            tok = s_out.clone()
+        else:
+            tok = model.step(s_tok, s_pos)
+        times.append(timer.ms(t0, timer.mark()))
+        toks.append(tok)
+    return toks, times
+
+
+def megatron_graph_decode(model, ids, new, timer):
+    return megatron_static_decode(model, ids, new, timer, graph=True)
+
+
 def _plain(t):
     return t.full() if isinstance(t, st.ShardedTensor) else t
 
@@ -318,15 +389,23 @@ def main():
                 results['HF tp_plan="auto"'] = hf_err
         if "shardtensor" not in a.skip:
             results["shardtensor"] = run_variant(hf_decode, sharded, ids, new, timer)
+        meg = None if "megatron" in a.skip else MegatronLlama(serial, tp, rank, None, prompt + new, b)
         if "static" in a.variants:
             results["serial, StaticCache"] = run_variant(static_decode, serial, ids, new, timer)
+            if meg is not None:
+                results["megatron, static"] = run_variant(megatron_static_decode, meg, ids, new, timer)
             results["shardtensor, StaticCache"] = run_variant(static_decode, sharded, ids, new, timer)
         if "graph" in a.variants:
-            for name, m in (("serial, CUDA graph", serial), ("shardtensor, CUDA graph", sharded)):
+            for name, fn, m in (("serial, CUDA graph", graph_decode, serial),
+                                ("megatron, CUDA graph", megatron_graph_decode, meg),
+                                ("shardtensor, CUDA graph", graph_decode, sharded)):
+                if m is None:
+                    continue
                 try:
-                    results[name] = run_variant(graph_decode, m, ids, new, timer)
+                    results[name] = run_variant(fn, m, ids, new, timer)
                 except Exception as e:  # noqa: BLE001  (reported in the table)
                     results[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        del meg
         ref = results.get("serial (1 device)")
         for name, r in results.items():
             if isinstance(r, str) or r is None:

@@ -23,6 +23,69 @@ from .launch import RemoteError, dumps, free_port
 __all__ = ["RankPool", "run", "close_pools", "assert_close"]
 
 
+# torch.distributed functions whose calls a pool worker logs, so that the parent can check every
+# rank issued the same collectives (a rule that communicates on some ranks only would otherwise
+# desynchronise the pool and fail every later test with a timeout far from the cause)
+_LOGGED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+           "all_to_all_single", "broadcast", "barrier", "all_gather_object",
+           "broadcast_object_list", "reduce", "gather", "scatter", "all_gather_single",
+           "reduce_scatter_single", "send", "recv")
+_SAME_SIZE = ("all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor",
+              "all_gather_single", "reduce_scatter_single")
+
+
+def _log_collectives(log: list) -> None:
+    """Make every collective named in _LOGGED append (group ranks, name, size) to `log`; calls
+    nested in another (all_gather_object's all_gather) are not logged twice."""
+    import torch.distributed as dist
+    from . import collectives
+    depth = [0]
+
+    def logged(name, f):
+        def call(*args, **kwargs):
+            if depth[0] == 0:
+                group = kwargs.get("group")
+                try:
+                    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else None
+                except Exception:
+                    ranks = "?"
+                size = None
+                if name in _SAME_SIZE and args and isinstance(args[0], torch.Tensor):
+                    size = (tuple(args[0].shape), str(args[0].dtype))
+                log.append((ranks, name, size))
+            depth[0] += 1
+            try:
+                return f(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        call.__wrapped__ = f
+        return call
+
+    for name in _LOGGED:
+        f = getattr(dist, name, None)
+        if f is not None:
+            setattr(dist, name, logged(name, f))
+    collectives._all_gather_base = (getattr(dist, "all_gather_single", None)
+                                    or dist.all_gather_into_tensor)
+    collectives._reduce_scatter_base = (getattr(dist, "reduce_scatter_single", None)
+                                        or dist.reduce_scatter_tensor)
+
+
+def _mismatch(logs: Dict[int, list], world_size: int) -> str:
+    """'' when, for every group, its members issued the same collectives in the same order;
+    otherwise a description of the first group whose members disagree."""
+    groups = {g for log in logs.values() for g, _, _ in log}
+    for g in sorted(groups, key=repr):
+        members = range(world_size) if g is None else g
+        seqs = {r: [(n, s) for gg, n, s in logs.get(r, []) if gg == g] for r in members
+                if r in logs}
+        if len({repr(v) for v in seqs.values()}) > 1:
+            lines = "".join(f"\n  rank {r}: {len(v)} calls {v[:12]}{' ...' if len(v) > 12 else ''}"
+                            for r, v in seqs.items())
+            return f"ranks issued different collectives on group {g or 'WORLD'}:{lines}"
+    return ""
+
+
 def _worker(rank, world_size, port, tasks, results, sys_path, threads):
     for p in sys_path:
         if p not in sys.path:
@@ -33,16 +96,19 @@ def _worker(rank, world_size, port, tasks, results, sys_path, threads):
     import torch.distributed as dist
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
+    log: list = []
+    _log_collectives(log)
     while True:
         payload = tasks.get()
         if payload is None:
             break
+        del log[:]
         try:
             fn, args = pickle.loads(payload)
             out = fn(rank, *args)
-            results.put((rank, True, dumps(out)))
+            results.put((rank, True, dumps(out), list(log)))
         except BaseException:
-            results.put((rank, False, traceback.format_exc()))
+            results.put((rank, False, traceback.format_exc(), list(log)))
     dist.destroy_process_group()
 
 
@@ -63,35 +129,45 @@ class RankPool:
             p.start()
 
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self._procs)
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
 
     def run(self, fn, *args, timeout: float = 300.0) -> List[Any]:
         """`fn(rank, *args)` on every rank; the results in rank order. A rank's exception is
-        raised as RemoteError carrying its traceback."""
+        raised as RemoteError carrying its traceback; so is a task whose ranks issued different
+        collectives. After either the pool is closed (the next `pool()` starts a fresh one):
+        ranks left waiting in a collective would pair it with the next task's."""
         payload = dumps((fn, args))
         for q in self._tasks:
             q.put(payload)
         out: Dict[int, Any] = {}
         errors: Dict[int, str] = {}
+        logs: Dict[int, list] = {}
         wait = timeout
         while len(out) + len(errors) < self.world_size:
             try:
-                rank, ok, data = self._results.get(timeout=wait)
+                rank, ok, data, logs[rank] = self._results.get(timeout=wait)
             except _queue.Empty:
-                self.close()
-                errors.setdefault(-1, f"ranks {sorted(set(range(self.world_size)) - set(out) - set(errors))}"
-                                      f" did not answer within {wait:.0f}s; pool restarted")
+                missing = sorted(set(range(self.world_size)) - set(out) - set(errors))
+                errors.setdefault(-1, f"ranks {missing} did not answer within {wait:.0f}s"
+                                      + (" (left waiting for the failed rank)" if errors else ""))
                 break
             if ok:
                 out[rank] = pickle.loads(data)
             else:
                 errors[rank] = data
-                wait = 70.0  # the others may be stuck in a collective until gloo's timeout
+                wait = 10.0  # the others may be stuck in a collective the failed rank never joined
+        name = getattr(fn, "__qualname__", repr(fn))
+        mismatch = _mismatch(logs, self.world_size) if len(logs) == self.world_size else ""
+        if errors or mismatch:
+            self.close()
         if errors:
             # the first to fail is the cause; the others may only have timed out waiting for it
             rank = next(iter(errors))
             others = "".join(f"\n--- rank {r} also failed:\n{e[-600:]}" for r, e in errors.items() if r != rank)
-            raise RemoteError(f"rank {rank} of {self.world_size} failed:\n{errors[rank]}{others}")
+            raise RemoteError(f"{name}: rank {rank} of {self.world_size} failed:\n{errors[rank]}{others}"
+                              + (f"\n{mismatch}" if mismatch else ""))
+        if mismatch:
+            raise RemoteError(f"{name}: {mismatch}")
         return [out[r] for r in range(self.world_size)]
 
     def close(self) -> None:
