@@ -6,7 +6,9 @@ Measures, in one run: per-op cost (add, gelu, linear, matmul, view, transpose, e
 hidden-split and a vocab-split table; every input laid out beforehand, so each row times one op) of plain tensors,
 DTensor and ShardedTensor; a Linear-GELU-Linear training step (column then row parallel,
 forward + backward) in all three; an AdamW step (foreach) over a parallelized GPT-2's parameters
-against the same step over plain tensors of the local shard sizes. Median of repeated timings.
+against the same step over plain tensors of the local shard sizes, over the thinnest tensor
+subclass (the `__torch_function__` protocol's own floor) and over DTensors, for a tiny GPT-2 (all
+overhead) and GPT-2 small (124M). Median of repeated timings.
 """
 from __future__ import annotations
 
@@ -128,19 +130,41 @@ def mlp_step(pg, mesh, api, number, repeat):
                 dtensor_ratio_of_added=(d - p) / max(s - p, 1e-9))
 
 
-def adamw_step(pg, number, repeat):
+class Thin(torch.Tensor):
+    """The thinnest tensor subclass: torch's default `__torch_function__` (run the op with
+    subclass dispatch off, convert outputs back). Any subclass pays at least this: the
+    protocol scans every tensor of every list argument (~0.3 us each) before Python runs."""
+
+
+def adamw_step(pg, mesh, api, number, repeat, size="tiny"):
+    """AdamW (foreach) over a parallelized GPT-2's parameters vs the same step over plain
+    tensors of the local shard sizes, over `Thin` tensors (the protocol's floor) and over
+    DTensor parameters. `size`: "tiny" (2 layers, hidden 32: the step is all per-op overhead)
+    or "gpt2" (GPT-2 small, 124M parameters: the step is arithmetic)."""
     from shardtensor.models_testing import build
-    model = build("gpt2", "sdpa", layers=2, vocab=1001)
+    if size == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config())
+    else:
+        model = build("gpt2", "sdpa", layers=2, vocab=1001)
     st.parallelize(model, pg)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     plain = [p.to_local().detach().clone().requires_grad_() for p in model.parameters()]
-    for p in plain:
-        p.grad = torch.zeros_like(p)
-    o1 = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-    o2 = torch.optim.AdamW(plain, lr=1e-3, foreach=True)
-    s, p = timeit((o1.step, o2.step), number, repeat)
-    return dict(plain_ms=p * 1e3, shardtensor_ms=s * 1e3, ratio=s / p)
+    thin = [torch.Tensor._make_subclass(Thin, t.detach().clone(), True) for t in plain]
+    Replicate, Shard, distribute_tensor = api[0], api[1], api[2]
+    dts = [nn.Parameter(distribute_tensor(t.detach().clone(), mesh, [Shard(0)]))
+           for t in plain]
+    for ps in (plain, thin, dts):
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+    opts = [torch.optim.AdamW(ps, lr=1e-3, foreach=True)
+            for ps in (list(model.parameters()), plain, thin, dts)]
+    s, p, t, d = timeit([o.step for o in opts], number, repeat)
+    return dict(size=size, params=len(plain), numel=sum(x.numel() for x in plain),
+                plain_ms=p * 1e3, shardtensor_ms=s * 1e3, ratio=s / p, thin_ms=t * 1e3,
+                thin_ratio=t / p, dtensor_ms=d * 1e3, dtensor_ratio=d / p)
 
 
 def main():
@@ -158,7 +182,8 @@ def main():
     mesh = api[3]("cpu", (1,))
     res = dict(torch=torch.__version__, per_op=per_op(pg, mesh, api, number, repeat),
                mlp_step=mlp_step(pg, mesh, api, number // 10 or 5, repeat),
-               adamw_step=adamw_step(pg, number // 20 or 5, repeat))
+               adamw_step=adamw_step(pg, mesh, api, number // 20 or 5, repeat),
+               adamw_step_gpt2=adamw_step(pg, mesh, api, 2, 7 if a.quick else 11, "gpt2"))
     print(f"torch {torch.__version__}, CPU, 1 thread, world 1 (median of {repeat})\n")
     print(f"{'op':<18} {'plain us':>9} {'DTensor +us':>12} {'shardtensor +us':>16} {'ratio':>6}")
     for k, r in res["per_op"].items():
@@ -167,9 +192,12 @@ def main():
     m = res["mlp_step"]
     print(f"\nMLP training step: plain {m['plain_ms']:.3f} ms; DTensor adds {m['dtensor_added_ms']:.3f} ms; "
           f"shardtensor adds {m['shardtensor_added_ms']:.3f} ms ({1 / m['dtensor_ratio_of_added']:.2f} of DTensor's)")
-    o = res["adamw_step"]
-    print(f"AdamW step (foreach) over GPT-2 params: plain {o['plain_ms']:.3f} ms, shardtensor "
-          f"{o['shardtensor_ms']:.3f} ms ({o['ratio']:.2f}x)")
+    for key in ("adamw_step", "adamw_step_gpt2"):
+        o = res[key]
+        print(f"AdamW step (foreach), GPT-2 {o['size']} ({o['params']} tensors, {o['numel'] / 1e6:.2f}M "
+              f"values): plain {o['plain_ms']:.3f} ms, shardtensor {o['shardtensor_ms']:.3f} ms "
+              f"({o['ratio']:.2f}x), thinnest subclass {o['thin_ms']:.3f} ms ({o['thin_ratio']:.2f}x), "
+              f"DTensor {o['dtensor_ms']:.3f} ms ({o['dtensor_ratio']:.2f}x)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

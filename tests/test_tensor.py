@@ -173,3 +173,25 @@ def _divide_by_zero(rank):
 
 def _ok(rank):
     return rank
+
+
+def test_wrap_on_a_torch_without_positional_wrapper_arguments(monkeypatch):
+    """torch < 2.5-style `_make_wrapper_subclass` (keywords only after `size`): the probe at
+    import picks the keyword call, and the wrapper it builds is the same."""
+    import shardtensor.tensor as tensor_mod
+    real = torch.Tensor._make_wrapper_subclass
+    calls = []
+
+    def keyword_only(cls, size, *rest, **kwargs):
+        if rest:
+            raise TypeError("_make_wrapper_subclass() takes 2 positional arguments")
+        calls.append(sorted(kwargs))
+        return real(cls, size, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "_make_wrapper_subclass", keyword_only)
+    wrap = tensor_mod._wrap_factory()
+    local = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    pg = st.ProcessGroup.__new__(st.ProcessGroup)
+    t = wrap(local, st.ShardSpec(1, 2), pg, (3, 4))
+    assert calls and calls[-1] == ["device", "dtype", "requires_grad"]
+    assert type(t) is st.ShardedTensor and t.shape == (3, 4) and t.dtype == torch.float64
+    assert t.requires_grad and t.to_local() is local and t.spec == st.ShardSpec(1, 2)

@@ -305,7 +305,7 @@ def pointwise(func, args, kwargs):
     if type(y) is ST:
         ys = y._spec
         if y._pg is not x._pg or not (ys is spec or ys == spec) or (
-                y._gshape != shape and not spec.is_replicate):
+                y._gshape is not shape and y._gshape != shape and not spec.is_replicate):
             return _generic(func, args, kwargs)
         y = y._local                                # same layout, or both replicated
     elif not spec.is_replicate:                     # a plain tensor: a replicated value
@@ -314,7 +314,10 @@ def pointwise(func, args, kwargs):
             return _generic(func, args, kwargs)
         shape, spec = plan
     res = func(loc, y) if n == 2 and not kwargs else func(loc, y, *args[2:], **kwargs)
-    return _local_result(x, loc, res, spec, res.shape if spec.is_replicate else shape)
+    if res is loc:                                  # in place
+        _sync_requires_grad(x, res)
+        return x
+    return wrap(res, spec, x._pg, res.shape if spec.is_replicate else shape)
 
 
 @rule(torch.where, T.where)

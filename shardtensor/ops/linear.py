@@ -391,6 +391,31 @@ def _matmul_labels(ga: Tuple[int, ...], gb: Tuple[int, ...]):
     return la, lb, lo, torch.Size(oshape)
 
 
+_MATMUL_LOCAL: dict = {}  # (shapes, specs, requires_grad) -> (out shape, out spec) or False
+
+
+def _matmul_local(a, b):
+    """(output shape, output layout) when two ShardedTensors of one group can be multiplied as
+    they lie, shard by shard, with no communication either way and no copy (q @ k^T and
+    attn @ v with heads sharded alike; a contraction sharded alike on both sides, partial
+    output); False otherwise. Decided by the planner once per (shapes, layouts, grads)."""
+    al, bl, d = a._local, b._local, a._pg.tp_world_size()
+    key = (a._gshape, b._gshape, a._spec, b._spec, al.requires_grad, bl.requires_grad, d)
+    r = _MATMUL_LOCAL.get(key)
+    if r is None:
+        la, lb, lo, oshape = _matmul_labels(a._gshape, b._gshape)
+        sizes = {}
+        for ls, shape in ((la, a._gshape), (lb, b._gshape)):
+            for lab, n in zip(ls, shape):
+                if lab is not None:
+                    sizes[lab] = n
+        ta, tb, ca, cb, to = _plan(la, lb, lo, a._spec, b._spec, tuple(sorted(sizes.items())),
+                                   a._gshape.numel(), b._gshape.numel(), key[4], key[5], d)
+        r = (oshape, to) if (ta == a._spec and tb == b._spec and not ca and not cb) else False
+        remember(_MATMUL_LOCAL, key, r)
+    return r
+
+
 @rule(torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__)
 def matmul(func, args, kwargs):
     """torch.matmul with broadcasting. q @ k^T and attn @ v with heads sharded on the same batch
@@ -399,6 +424,11 @@ def matmul(func, args, kwargs):
     a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
     if func is T.__rmatmul__:
         a, b = b, a
+    if (type(a) is ST and type(b) is ST and a._pg is b._pg and a._compute_spec is None
+            and b._compute_spec is None):
+        r = _matmul_local(a, b)
+        if r:
+            return wrap(torch.matmul(a._local, b._local), r[1], a._pg, r[0])
     la, lb, lo, oshape = _matmul_labels(_gshape(a), _gshape(b))
     return _contract(func, a, b, la, lb, lo, oshape, lambda x, y, _: torch.matmul(x, y))
 
