@@ -37,6 +37,7 @@ class ShardedTensor(torch.Tensor):
     _spec: Spec
     _pg: ProcessGroup
     _compute_spec: Optional[ComputeSpec] = None   # set per instance only when not None
+    _col = None   # linear's column-parallel fast path: (last input shape, its output layout)
 
     # --- construction ----------------------------------------------------------------------
     @classmethod

@@ -203,6 +203,19 @@ def linear(func, args, kwargs):
     else:
         x, w = args[0], args[1]
         bias = args[2] if len(args) > 2 else None
+        c = w._col if w.__class__ is ST else None
+        if c is not None and bias is None and x.__class__ is ST and x._gshape == c[0]:
+            # the column-parallel call this weight saw last (q/k/v, up, gate), without a bias
+            # (the checks `_megatron_fast_path` makes, in its order, for this one case)
+            ws = w._spec
+            cs = w._compute_spec
+            if ws.is_shard and ws.dim == 0 and x._spec.is_replicate and x._pg is w._pg and (
+                    cs is None or not cs.output_replicate):
+                xl = x._local
+                if xl.requires_grad and ws.degree > 1:
+                    xl = copy_once(x, xl, w._pg, func)
+                oshape, ospec, _ = c[1]
+                return wrap(F.linear(xl, w._local), ospec, w._pg, oshape)
     out = _megatron_fast_path(func, x, w, bias, 0, F.linear)
     if out is not None:
         return out
@@ -315,7 +328,7 @@ def _megatron_fast_path(func, x, w, bias, out_dim: int, local_fn):
             xshape = x.shape
         else:
             return None
-        c = w.__dict__.get("_col")                 # the last input shape seen by this weight
+        c = w._col                                  # the last input shape seen by this weight
         if c is not None and c[0] == xshape:
             oshape, ospec, bspec = c[1]
         else:

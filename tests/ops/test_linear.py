@@ -314,3 +314,42 @@ def test_unsupported_arguments_raise_clearly():
     out = run(2, _errors)[0]
     assert "out=" in out["out"] and "torch.mm" in out["out"]
     assert "repeated labels" in out["diag"]
+
+
+def _column_no_bias_repeated(rank):
+    """Llama's q/k/v (column parallel, no bias) over two steps: the second step takes the
+    weight's cached column path; values, gradients and communication equal the first's."""
+    pg = st.ProcessGroup()
+    d = pg.tp_world_size()
+    torch.manual_seed(3)
+    ws = [torch.randn(4 * d + 1, 6, dtype=torch.float64) for _ in range(3)]   # uneven at d > 1
+    params = [ST.from_global(w.clone(), pg, st.ShardSpec(0, d)).requires_grad_() for w in ws]
+    refs = [w.clone().requires_grad_() for w in ws]
+    counts = []
+    for step in range(2):
+        x = torch.randn(2, 5, 6, dtype=torch.float64)
+        xs = ST.from_global(x.clone(), pg, st.ReplicaSpec()).requires_grad_()
+        xr = x.clone().requires_grad_()
+        with st.CommTrace() as t:
+            h = xs * 1.0                  # an activation (the f is shared on non-leaves only)
+            outs = [F.linear(h, p) for p in params]
+            loss = sum((o.full() * (i + 1)).sum() for i, o in enumerate(outs))
+            loss.backward()
+        counts.append({k: v for k, v in _counts(t).items() if k[0] == "backward"})
+        ref = sum((F.linear(xr, r) * (i + 1)).sum() for i, r in enumerate(refs))
+        ref.backward()
+        for o in outs:
+            assert o.spec == st.ShardSpec(2, d), o.spec
+        assert_close(xs.grad, xr.grad, rtol=1e-10, atol=1e-10, what=f"step {step} x grad")
+        for p, r in zip(params, refs):
+            assert_close(p.grad, r.grad, rtol=1e-10, atol=1e-10, what=f"step {step} w grad")
+    assert all(p._col is not None for p in params)
+    return counts
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_column_parallel_without_bias_repeated_steps(world):
+    first, second = run(world, _column_no_bias_repeated)[0]
+    assert first == second
+    if world > 1:   # one f for q, k and v together (the shared input's gradient)
+        assert first.get(("backward", "all_reduce")) == 1, first
