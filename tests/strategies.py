@@ -1,9 +1,13 @@
 """Hypothesis strategies shared by the tests: shapes, layouts, world sizes."""
+import torch
 from hypothesis import strategies as hs
 
 import shardtensor as st
 
 WORLDS = (1, 2, 4)
+# F.scaled_dot_product_attention takes enable_gqa (fewer kv heads than query heads) from torch 2.5;
+# on older torch grouped-query attention is not a call one can make, so no test draws it there
+SDPA_GQA = torch.__version__ >= (2, 5)
 
 
 def shapes(min_dims=1, max_dims=4, min_side=1, max_side=9):

@@ -116,8 +116,8 @@ def scaled_dot_product_attention(func, args, kwargs):
         kl, vl = (copy_to_region(to_layout(t, REPLICA, pg, func), pg, func).index_select(nd - 3, pick)
                   for t in (k, val))
     rest = {n: v[n] for n in _NAMES[4:] if n in v}
-    if kv_spec is None:
-        rest["enable_gqa"] = False
+    if kv_spec is None and "enable_gqa" in rest:   # k, v now carry q's heads one to one
+        rest["enable_gqa"] = False                   # (torch < 2.5 has no such argument)
     rest["attn_mask"] = _mask_local(mask, spec, nd, pg, func)
     if rest.get("dropout_p", 0.0) and spec.is_shard and pg.tp_world_size() > 1:
         out = _with_rank_rng(ql.device, pg,
