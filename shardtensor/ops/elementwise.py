@@ -67,8 +67,10 @@ _UNARY, _UNARY_IP = _spellings("""
     clamp_min clamp_max nan_to_num sign sgn floor ceil round trunc frac logical_not bitwise_not
     relu6 leaky_relu elu selu celu mish hardswish hardsigmoid hardtanh logsigmoid threshold
     softsign tanhshrink isnan isinf isfinite isposinf isneginf signbit neg negative positive
+    conj conj_physical resolve_conj resolve_neg
     """, ("__abs__", "__neg__", "__pos__", "__invert__"))
-_lin([f for f in _UNARY if getattr(f, "__name__", "").rstrip("_") in ("neg", "negative", "positive")]
+_lin([f for f in _UNARY if getattr(f, "__name__", "").rstrip("_") in (
+    "neg", "negative", "positive", "conj", "conj_physical", "resolve_conj", "resolve_neg")]
      + [T.__neg__, T.__pos__], "prod", (0,))
 
 _SUM, _SUM_IP = _spellings("add sub subtract rsub", (

@@ -93,6 +93,21 @@ def _same_layout_rows(func, args, kwargs, inplace):
     return [wrap(loc, t._spec, t._pg, t._gshape) for loc, t in zip(res, selfs)]
 
 
+_FOREACH_POWSUM = getattr(torch, "_foreach_powsum", None)   # torch >= 2.10
+
+
+def _powsums(locs, ord, p: float, dtype):
+    """sum |x|^p of each local tensor (p = 0: the count of nonzeros), one fused call where
+    this torch has `_foreach_powsum`."""
+    if _FOREACH_POWSUM is not None:
+        return _FOREACH_POWSUM(locs, ord, dtype=dtype)
+    out = []
+    for x in locs:
+        x = x if dtype is None else x.to(dtype)
+        out.append((x != 0).sum().to(x.dtype) if p == 0 else x.abs().pow(p).sum())
+    return out
+
+
 @rule(*_SINGLE)
 def foreach(func, args, kwargs):
     """One local `_foreach` call for the rows whose tensors share a layout; the rest row by row
@@ -213,7 +228,7 @@ def foreach_norm(func, args, kwargs):
             every = gather_from_region(mine, shard_spec(0, d), d * k, pg, func).view(d, k)
             norms = every.amax(0) if p > 0 else every.amin(0)
         else:
-            sums = torch.stack(torch._foreach_powsum(locs, ord, dtype=dtype))
+            sums = torch.stack(_powsums(locs, ord, p, dtype))
             sums = reduce_from_region(sums, pg, func, inplace=not sums.requires_grad)
             norms = sums if p == 0 else sums.pow(1.0 / p)
         for r, v in zip(rows, norms.unbind(0)):

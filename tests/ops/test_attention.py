@@ -82,6 +82,10 @@ def test_sdpa_matches_serial(world, data):
         assert fwd == []           # heads (or batches) are independent: no communication
 
 
+NO_GQA = pytest.mark.skipif(not SDPA_GQA, reason="torch < 2.5: sdpa has no enable_gqa")
+
+
+@NO_GQA
 @pytest.mark.parametrize("world", [2, 4])
 def test_sdpa_gqa_aligned_heads_is_local(world):
     # 8 query heads, 4 kv heads: every rank's query heads use exactly its kv heads
@@ -89,6 +93,7 @@ def test_sdpa_gqa_aligned_heads_is_local(world):
     assert spec == st.ShardSpec(1, world) and fwd == []
 
 
+@NO_GQA
 def test_sdpa_gqa_kv_heads_fewer_than_ranks_is_exact():
     spec, fwd = run(4, _sdpa, 1, 4, 2, 3, 3, 2, "heads", "none", True, None, 0)[0]
     assert spec == st.ShardSpec(1, 4) and fwd == ["all_gather", "all_gather"]

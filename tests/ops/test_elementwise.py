@@ -53,6 +53,10 @@ UNARY = [
     ("log", torch.log, "pos", False, True),
     ("neg", lambda x: -x, "any", True, True),
     ("torch.neg", torch.neg, "any", True, True),
+    ("conj", lambda x: x.conj(), "any", True, True),          # torch 2.4's Adam: grad.conj()
+    ("torch.conj_physical", torch.conj_physical, "any", True, True),
+    ("resolve_conj", lambda x: x.resolve_conj(), "any", True, True),
+    ("torch.resolve_neg", torch.resolve_neg, "any", True, True),
     ("abs", abs, "any", False, True),
     ("sqrt", lambda x: x.sqrt(), "pos", False, True),
     ("rsqrt", torch.rsqrt, "pos", False, True),
