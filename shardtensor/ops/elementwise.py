@@ -10,6 +10,7 @@ smaller one is moved (all-to-all). Layout decisions are pure and cached on (spec
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -397,6 +398,95 @@ def like(func, args, kwargs):
     else:
         res = func(loc, *rest, **kwargs)
     return wrap(res, spec, x._pg, x._gshape)
+
+
+_RANDOM_FILLS = tuple(f for f in (getattr(T, n, None) for n in (
+    "normal_", "uniform_", "bernoulli_", "exponential_", "geometric_", "cauchy_", "log_normal_",
+    "random_")) if f is not None)
+
+
+@rule(*_RANDOM_FILLS)
+def random_fill_(func, args, kwargs):
+    """In-place random fills (`nn.init.normal_`, `p.data.uniform_`, HF's `_init_weights`), with
+    `like`'s semantics: a shard takes its piece of a full draw from the default generator (the
+    values equal serial's, every rank's generator advances alike); a replicated tensor draws
+    the same values on every rank; a partial one becomes the replicated draw."""
+    x = args[0]
+    rest = [materialize(a, func) if type(a) is ST else a for a in args[1:]]
+    kw = {k: materialize(v, func) if type(v) is ST else v for k, v in kwargs.items()}
+    loc = x._local
+    if loc.requires_grad and loc.is_leaf and torch.is_grad_enabled():
+        # torch's own refusal, raised before anything is drawn (the generator stays put)
+        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                           "operation.")
+    if x._spec.is_shard:
+        full = torch.empty(x._gshape, dtype=loc.dtype, device=loc.device)
+        func(full, *rest, **kw)
+        loc.copy_(take_shard(full, x._spec, x._pg.tp_local_rank()))
+    else:
+        func(loc, *rest, **kw)
+        if x._spec.is_partial:
+            x._spec = REPLICA
+    return x
+
+
+@rule(T.new_zeros, T.new_ones, T.new_empty, T.new_full, T.new_tensor)
+def new_factory(func, args, kwargs):
+    """`x.new_zeros(size)` and kin: x's dtype and device. Asked for x's own global shape, a
+    sharded x gives a result laid out like x (each rank makes its shard); any other size, or a
+    replicated or partial x, gives a plain tensor (a replicated value, as plain tensors are
+    everywhere in shardtensor). `new_tensor(data)` copies data (a ShardedTensor's full value)."""
+    x, rest = args[0], list(args[1:])
+    loc = x._local
+    if func is T.new_tensor:
+        rest = [a.full() if type(a) is ST else a for a in rest]
+        return func(loc, *rest, **kwargs)
+    if rest and isinstance(rest[0], (list, tuple)):      # new_zeros((2, 3)), new_full(s, v)
+        size, others = rest[0], rest[1:]
+    elif rest and func is not T.new_full:                 # new_zeros(2, 3)
+        size, others = tuple(rest), []
+    else:                                                 # size= keyword
+        size, others = kwargs.get("size"), rest
+    kw = {k: v for k, v in kwargs.items() if k != "size"}
+    spec = x._spec
+    if spec.is_shard and size is not None and tuple(size) == tuple(x._gshape):
+        from ..spec import local_shape
+        lshape = local_shape(x._gshape, spec, x._pg.tp_local_rank())
+        return wrap(func(loc, lshape, *others, **kw), spec, x._pg, x._gshape)
+    return func(loc, size, *others, **kw)
+
+
+_NN_INIT = tuple(getattr(torch.nn.init, n) for n in ("uniform_", "normal_", "constant_",
+                                                      "kaiming_uniform_"))
+
+
+@rule(*_NN_INIT)
+def nn_init(func, args, kwargs):
+    """The `torch.nn.init` functions that hand ShardedTensors to `__torch_function__` instead of
+    running their body: the same body, on the global shape (fans, gains), through the fill
+    rules above (so the values equal serial's under the same seed)."""
+    import inspect
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    t = a["tensor"]
+    gen = {"generator": a["generator"]} if a.get("generator") is not None else {}
+    name = func.__name__
+    with torch.no_grad():
+        if name == "constant_":
+            return t.fill_(a["val"])
+        if name == "normal_":
+            return t.normal_(a["mean"], a["std"], **gen)
+        if name == "uniform_":
+            return t.uniform_(a["a"], a["b"], **gen)
+        if 0 in t.shape:
+            import warnings
+            warnings.warn("Initializing zero-element tensors is a no-op")
+            return t
+        fan = torch.nn.init._calculate_correct_fan(t, a["mode"])
+        std = torch.nn.init.calculate_gain(a["nonlinearity"], a["a"]) / math.sqrt(fan)
+        limit = math.sqrt(3.0) * std          # (torch's order of operations: the same floats)
+        return t.uniform_(-limit, limit, **gen)
 
 
 @rule(T.copy_)
