@@ -143,7 +143,7 @@ def _fallback(rank):
             torch.fft.fft(t)
         nwarn = sum("no sharding rule" in str(m.message) for m in w)
         try:
-            torch.Tensor.exponential_(t)
+            torch.Tensor.renorm_(t, 2, 0, 1.0)     # an in-place op with no rule
             inplace = None
         except st.UnsupportedOpError as e:
             inplace = str(e)

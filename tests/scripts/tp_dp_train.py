@@ -44,4 +44,5 @@ if __name__ == "__main__":
     out = main()
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(out), flush=True)
+    dist.barrier()              # every rank done before any tears its groups down
     dist.destroy_process_group()
