@@ -216,32 +216,46 @@ def static_decode(model, ids, new, timer, graph=False):
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
                 cache_position=torch.arange(p, device=ids.device))
     tok = _plain(torch.argmax(out.logits[:, -1], -1))
-    toks, times = [tok], []
     s_tok = tok[:, None].clone()
     s_pos = torch.full((1,), p, dtype=torch.long, device=ids.device)
 
     def step():
         o = model(input_ids=s_tok, past_key_values=cache, use_cache=True, cache_position=s_pos)
         return torch.argmax(o.logits[:, -1], -1)
-    if graph:
-        cuda = ids.is_cuda
-        side = torch.cuda.Stream() if cuda else None
-        if cuda:
-            side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-            for _ in range(3):                      # warm-up outside the graph
-                step()
-        if cuda:
-            torch.cuda.current_stream().wait_stream(side)
+
+    def reset():
         for layer in getattr(cache, "layers", ()):  # the cache's own write counter (transformers
             n = getattr(layer, "cumulative_length", None)   # 5.x) back to the prompt length:
             if isinstance(n, torch.Tensor):                   # warm-up wrote slots the steps
                 n.fill_(p)                                    # rewrite before reading them
+    return fixed_buffer_loop(step, s_tok, s_pos, p, tok, new, timer, graph, reset, _plain)
+
+
+def fixed_buffer_loop(step, s_tok, s_pos, p, tok, new, timer, graph, after_warmup=None,
+                      finish=lambda t: t):
+    """Decode `new - 1` tokens after `tok` (position p - 1), each by `step()` reading the token
+    from `s_tok` and its position from `s_pos` (both filled here); `finish` turns a step's
+    output into the next token. With `graph`: three warm-up steps on a side stream,
+    `after_warmup()`, then the step captured once as a CUDA graph and replayed per token (on
+    CPU the warm-up runs, as a check of it, and the steps stay eager)."""
+    toks, times = [tok], []
+    if graph:
+        cuda = s_tok.is_cuda
+        side = torch.cuda.Stream() if cuda else None
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            for _ in range(3):      # warm-up outside the graph (rewrites slot p, as step 0 will)
+                step()
+        if cuda:
+            torch.cuda.current_stream().wait_stream(side)
+        if after_warmup is not None:
+            after_warmup()
         if cuda:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 s_out = step()
-        else:       # CPU (a check of the warm-up logic): the same step, eagerly
+        else:
             graph = False
     for i in range(new - 1):
         t0 = timer.mark()
@@ -249,9 +263,9 @@ def static_decode(model, ids, new, timer, graph=False):
         s_pos.fill_(p + i)
         if graph:
             g.replay()
-            tok = _plain(s_out).clone()
+            tok = finish(s_out).clone()
         else:
-            tok = _plain(step())
+            tok = finish(step())
         times.append(timer.ms(t0, timer.mark()))
         toks.append(tok)
     return toks, times
@@ -278,33 +292,10 @@ def megatron_static_decode(model, ids, new, timer, graph=False):
     `graph`, captured once as a CUDA graph and replayed per token, like `static_decode`."""
     p = ids.shape[1]
     tok = model(ids, 0)                                    # prefill: the eager path
-    toks, times = [tok], []
     s_tok = tok[:, None].clone()
     s_pos = torch.full((1,), p, dtype=torch.long, device=ids.device)
-    if graph and ids.is_cuda:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):   # warm-up outside the graph (rewrites slot p, as step 0 will)
-                model.step(s_tok, s_pos)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            s_out = model.step(s_tok, s_pos)
-    else:
-        graph = False
-    for i in range(new - 1):
-        t0 = timer.mark()
-        s_tok.copy_(tok[:, None])
-        s_pos.fill_(p + i)
-        if graph:
-            g.replay()
-            tok = s_out.clone()
-        else:
-            tok = model.step(s_tok, s_pos)
-        times.append(timer.ms(t0, timer.mark()))
-        toks.append(tok)
-    return toks, times
+    return fixed_buffer_loop(lambda: model.step(s_tok, s_pos), s_tok, s_pos, p, tok, new, timer,
+                             graph)
 
 
 def megatron_graph_decode(model, ids, new, timer):

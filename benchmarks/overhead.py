@@ -153,7 +153,7 @@ def adamw_step(pg, mesh, api, number, repeat, size="tiny"):
         p.grad = torch.zeros_like(p)
     plain = [p.to_local().detach().clone().requires_grad_() for p in model.parameters()]
     thin = [torch.Tensor._make_subclass(Thin, t.detach().clone(), True) for t in plain]
-    Replicate, Shard, distribute_tensor = api[0], api[1], api[2]
+    Shard, distribute_tensor = api[1], api[2]
     dts = [nn.Parameter(distribute_tensor(t.detach().clone(), mesh, [Shard(0)]))
            for t in plain]
     for ps in (plain, thin, dts):

@@ -2,11 +2,14 @@
 
 `run(world_size, fn, *args)` runs `fn(rank, *args)` on every rank of a pool of gloo processes
 that stays up between calls, so a property test can try hundreds of cases in seconds. `fn` must
-be importable (a module-level function) or picklable by cloudpickle.
+be importable (a module-level function) or picklable by cloudpickle. Each task's collectives are
+logged per rank; a task whose ranks issued different ones fails (naming the group and both
+sequences), and any failed task leaves a fresh pool for the next.
 """
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
 import pickle
 import queue as _queue
@@ -42,9 +45,19 @@ def _log_collectives(log: list) -> None:
     depth = [0]
 
     def logged(name, f):
+        try:
+            sig = inspect.signature(f)
+        except (TypeError, ValueError):
+            sig = None
+
         def call(*args, **kwargs):
             if depth[0] == 0:
                 group = kwargs.get("group")
+                if group is None and sig is not None and len(args) > 1:   # passed positionally
+                    try:
+                        group = sig.bind_partial(*args, **kwargs).arguments.get("group")
+                    except TypeError:
+                        pass
                 try:
                     ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else None
                 except Exception:

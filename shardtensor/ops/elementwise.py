@@ -10,7 +10,9 @@ smaller one is moved (all-to-all). Layout decisions are pure and cached on (spec
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from functools import lru_cache
 
 import torch
@@ -379,6 +381,14 @@ _CLONES = (T.clone, torch.clone)
 _RANDOM_LIKE = (torch.rand_like, torch.randn_like, torch.randint_like)
 
 
+def _serial_draw(x, draw):
+    """This rank's piece of `draw(t)` for an uninitialised full-size `t` of x's dtype and
+    device: random values equal to serial's, every rank's generator advanced alike."""
+    loc = x._local
+    full = draw(torch.empty(x._gshape, dtype=loc.dtype, device=loc.device))
+    return take_shard(full, x._spec, x._pg.tp_local_rank())
+
+
 @rule(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, *_RANDOM_LIKE)
 def like(func, args, kwargs):
     """Same layout as the input; a partial input gives a replicated result (ones_like of a
@@ -393,8 +403,7 @@ def like(func, args, kwargs):
         kw = dict(kwargs)
         rg = kw.pop("requires_grad", False)
         kw.pop("memory_format", None)
-        full = func(torch.empty(x._gshape, dtype=loc.dtype, device=loc.device), *rest, **kw)
-        res = take_shard(full, spec, x._pg.tp_local_rank()).clone().requires_grad_(rg)
+        res = _serial_draw(x, lambda t: func(t, *rest, **kw)).clone().requires_grad_(rg)
     else:
         res = func(loc, *rest, **kwargs)
     return wrap(res, spec, x._pg, x._gshape)
@@ -420,9 +429,7 @@ def random_fill_(func, args, kwargs):
         raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
                            "operation.")
     if x._spec.is_shard:
-        full = torch.empty(x._gshape, dtype=loc.dtype, device=loc.device)
-        func(full, *rest, **kw)
-        loc.copy_(take_shard(full, x._spec, x._pg.tp_local_rank()))
+        loc.copy_(_serial_draw(x, lambda t: func(t, *rest, **kw)))
     else:
         func(loc, *rest, **kw)
         if x._spec.is_partial:
@@ -465,7 +472,6 @@ def nn_init(func, args, kwargs):
     """The `torch.nn.init` functions that hand ShardedTensors to `__torch_function__` instead of
     running their body: the same body, on the global shape (fans, gains), through the fill
     rules above (so the values equal serial's under the same seed)."""
-    import inspect
     bound = inspect.signature(func).bind(*args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
@@ -480,7 +486,6 @@ def nn_init(func, args, kwargs):
         if name == "uniform_":
             return t.uniform_(a["a"], a["b"], **gen)
         if 0 in t.shape:
-            import warnings
             warnings.warn("Initializing zero-element tensors is a no-op")
             return t
         fan = torch.nn.init._calculate_correct_fan(t, a["mode"])

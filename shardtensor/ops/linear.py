@@ -116,15 +116,8 @@ def _bias_layout(to, bshape: Sequence[int], oshape: Sequence[int], d: int):
 _PLANS: dict = {}   # (labels, shapes, specs, requires_grad, degree) -> _plan's answer
 
 
-def _contract(func, a, b, la: Labels, lb: Labels, lo: Labels, oshape, local_fn, bias=None,
-              add_bias=None):
-    """Run `local_fn(a_local, b_local, bias_local_or_None)` in the cheapest layout and wrap it.
-    `add_bias(out, bias)` adds a bias after a partial output has been reduced."""
-    pg = group_of(func, a, b, bias)
-    d = pg.tp_world_size()
-    ga, gb = _gshape(a), _gshape(b)
-    sa, sb = spec_of(a), spec_of(b)
-    rga, rgb = _rg(a), _rg(b)
+def _cached_plan(la, lb, lo, ga, gb, sa, sb, rga: bool, rgb: bool, d: int):
+    """`_plan`'s answer for these labels, global shapes, layouts, grads and degree (cached)."""
     key = (la, lb, lo, ga, gb, sa, sb, rga, rgb, d)
     plan = _PLANS.get(key)
     if plan is None:
@@ -133,10 +126,19 @@ def _contract(func, a, b, la: Labels, lb: Labels, lo: Labels, oshape, local_fn, 
             for lab, n in zip(ls, shape):
                 if lab is not None:
                     sizes[lab] = n
-        plan = _plan(la, lb, lo, sa, sb, tuple(sorted(sizes.items())), ga.numel(), gb.numel(),
-                     rga, rgb, d)
-        remember(_PLANS, key, plan)
-    ta, tb, ca, cb, to = plan
+        plan = remember(_PLANS, key, _plan(la, lb, lo, sa, sb, tuple(sorted(sizes.items())),
+                                           ga.numel(), gb.numel(), rga, rgb, d))
+    return plan
+
+
+def _contract(func, a, b, la: Labels, lb: Labels, lo: Labels, oshape, local_fn, bias=None,
+              add_bias=None):
+    """Run `local_fn(a_local, b_local, bias_local_or_None)` in the cheapest layout and wrap it.
+    `add_bias(out, bias)` adds a bias after a partial output has been reduced."""
+    pg = group_of(func, a, b, bias)
+    d = pg.tp_world_size()
+    ta, tb, ca, cb, to = _cached_plan(la, lb, lo, _gshape(a), _gshape(b), spec_of(a), spec_of(b),
+                                      _rg(a), _rg(b), d)
     al, bl = to_layout(a, ta, pg, func), to_layout(b, tb, pg, func)
     if ca:
         al = copy_once(a, al, pg, func)
@@ -412,18 +414,12 @@ def _matmul_local(a, b):
     they lie, shard by shard, with no communication either way and no copy (q @ k^T and
     attn @ v with heads sharded alike; a contraction sharded alike on both sides, partial
     output); False otherwise. Decided by the planner once per (shapes, layouts, grads)."""
-    al, bl, d = a._local, b._local, a._pg.tp_world_size()
-    key = (a._gshape, b._gshape, a._spec, b._spec, al.requires_grad, bl.requires_grad, d)
+    key = (a._gshape, b._gshape, a._spec, b._spec, a._local.requires_grad,
+           b._local.requires_grad, a._pg.tp_world_size())   # `_cached_plan`'s arguments
     r = _MATMUL_LOCAL.get(key)
     if r is None:
         la, lb, lo, oshape = _matmul_labels(a._gshape, b._gshape)
-        sizes = {}
-        for ls, shape in ((la, a._gshape), (lb, b._gshape)):
-            for lab, n in zip(ls, shape):
-                if lab is not None:
-                    sizes[lab] = n
-        ta, tb, ca, cb, to = _plan(la, lb, lo, a._spec, b._spec, tuple(sorted(sizes.items())),
-                                   a._gshape.numel(), b._gshape.numel(), key[4], key[5], d)
+        ta, tb, ca, cb, to = _cached_plan(la, lb, lo, *key)
         r = (oshape, to) if (ta == a._spec and tb == b._spec and not ca and not cb) else False
         remember(_MATMUL_LOCAL, key, r)
     return r
