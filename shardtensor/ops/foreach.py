@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from ..collectives import gather_from_region, reduce_from_region
-from ._util import REPLICA, ST, shard_spec, materialize, rule, wrap
+from ..collectives import all_reduce_, gather_from_region, reduce_from_region
+from ._util import REPLICA, ST, ShardingError, shard_spec, materialize, rule, wrap
 
 T = torch.Tensor
 Tensor = torch.Tensor
@@ -234,3 +234,25 @@ def foreach_norm(func, args, kwargs):
         for r, v in zip(rows, norms.unbind(0)):
             out[r] = wrap(v, REPLICA, pg, torch.Size())
     return out
+
+
+@rule(torch._amp_foreach_non_finite_check_and_unscale_)
+def amp_unscale(func, args, kwargs):
+    """`GradScaler.unscale_`: every gradient shard is unscaled in place and checked locally; then
+    `found_inf` is maxed over the tensor-parallel group of the sharded gradients (one 4-byte
+    all-reduce, as Megatron's optimizer does over its model-parallel group), so every rank
+    skips or takes the step alike: an inf in one rank's shard is an inf in the serial
+    gradient."""
+    names = ("self", "found_inf", "inv_scale")
+    grads, found_inf, inv_scale = (list(args) + [kwargs.get(n) for n in names[len(args):]])[:3]
+    if type(found_inf) is ST or type(inv_scale) is ST:
+        raise ShardingError(f"{func.__name__}: found_inf and inv_scale must be plain tensors "
+                            f"(GradScaler's own), got {type(found_inf).__name__} and "
+                            f"{type(inv_scale).__name__}")
+    groups = {}
+    for g in grads:
+        if type(g) is ST:
+            groups.setdefault(id(g._pg), g._pg)
+    func([g._local if type(g) is ST else g for g in grads], found_inf, inv_scale)
+    for pg in groups.values():
+        all_reduce_(found_inf, pg, func, "backward", reduce_op="max")

@@ -126,6 +126,32 @@ def set_data(func, args, kwargs):
                             f"{tuple(x._gshape)} needs a ShardedTensor of the same layout and "
                             f"shape")
     x._local.data = new._local
+    _refresh_wrapper(x)
+
+
+@rule(torch._has_compatible_shallow_copy_type)
+def compatible_shallow_copy(func, args, kwargs):
+    """`nn.Module._apply` (`model.to(dtype)`, `.half()`, `.cuda()`) asks this before assigning
+    `param.data = converted`: two ShardedTensors are compatible (the `.data` setter keeps the
+    parameter object and converts its shard); a ShardedTensor and a plain tensor are not."""
+    a, b = args[0], args[1]
+    return type(a) is ST and type(b) is ST
+
+
+def _refresh_wrapper(x) -> None:
+    """After `x._local` changed dtype or device in place (`p.data = p.data.to(bf16)`), give the
+    wrapper the shard's dtype/device, keeping the Python object (still the module's parameter,
+    still in any optimizer): the wrapper's tensor part is swapped with a fresh one, its
+    attributes kept."""
+    loc = x._local
+    with _DisableTF():
+        same = x.dtype == loc.dtype and x.device == loc.device
+    if same:
+        return
+    fresh = wrap(loc, x._spec, x._pg, x._gshape)
+    fresh.__dict__.update({k: v for k, v in x.__dict__.items()
+                           if k not in ("_grad_wrapper", "_col", "_f")})
+    torch.utils.swap_tensors(x, fresh)
 
 
 @rule(T.backward)
