@@ -5,6 +5,7 @@ from .trace import CommEvent, CommTrace
 from .dispatch import ShardingError, UnsupportedOpError, config, rule
 from .tensor import ShardedTensor
 from . import ops  # registers the rules
+from .function import install as _install_function
 from .annotate import parallelize, replicate, shard_param, split_col, split_row
 from .plans import register_plan
 from .launch import launch
@@ -12,6 +13,8 @@ from .explain import explain
 from .checkpoint import CheckpointError, full_state_dict, load, save
 from .hf import load_pretrained
 from .data_parallel import data_parallel
+
+_install_function()   # custom autograd.Functions on ShardedTensors (see function.py)
 
 __version__ = "0.1.0"
 

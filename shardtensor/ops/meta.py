@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from ._util import ST, ShardingError, rule, unwrap, wrap
+from ._util import REPLICA, ST, ShardingError, rule, unwrap, wrap
 
 _DisableTF = torch._C.DisableTorchFunctionSubclass
 T = torch.Tensor
@@ -169,6 +169,55 @@ def backward(func, args, kwargs):
         rest["inputs"] = [unwrap(i) for i in (inp if isinstance(inp, (list, tuple)) else [inp])]
     torch.autograd.backward(unwrap(self), None if gradient is None else _grad_local(self, gradient),
                             **rest)
+
+
+def _seq(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+@rule(torch.autograd.backward)
+def autograd_backward(func, args, kwargs):
+    """`torch.autograd.backward(tensors, grad_tensors, ...)` on the shards (reentrant
+    `torch.utils.checkpoint` calls it from its backward)."""
+    names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "grad_variables",
+             "inputs")
+    a = dict(zip(names, args), **kwargs)
+    tensors = _seq(a.pop("tensors"))
+    grads = a.pop("grad_tensors", None)
+    if grads is None:
+        grads = a.pop("grad_variables", None)
+    a.pop("grad_variables", None)
+    grads = [None] * len(tensors) if grads is None else _seq(grads)
+    if a.get("inputs") is not None:
+        a["inputs"] = [unwrap(i) for i in _seq(a["inputs"])]
+    torch.autograd.backward([unwrap(t) for t in tensors],
+                            [None if g is None else _grad_local(t, g) for t, g in zip(tensors, grads)],
+                            **a)
+
+
+@rule(torch.autograd.grad)
+def autograd_grad(func, args, kwargs):
+    """`torch.autograd.grad(outputs, inputs, ...)` on the shards; each gradient is presented
+    with its input's layout (a partial input's: replicated, the gradient of the sum)."""
+    names = ("outputs", "inputs", "grad_outputs", "retain_graph", "create_graph", "only_inputs",
+             "allow_unused", "is_grads_batched", "materialize_grads")
+    a = dict(zip(names, args), **kwargs)
+    if a.get("is_grads_batched"):
+        raise NotImplementedError("torch.autograd.grad(is_grads_batched=True) on ShardedTensors")
+    outputs, inputs = _seq(a.pop("outputs")), a.pop("inputs")
+    as_dict = isinstance(inputs, dict)
+    ins = list(inputs.values()) if as_dict else _seq(inputs)
+    gouts = a.pop("grad_outputs", None)
+    gouts = [None] * len(outputs) if gouts is None else _seq(gouts)
+    res = torch.autograd.grad([unwrap(o) for o in outputs], [unwrap(i) for i in ins],
+                              [None if g is None else _grad_local(o, g)
+                               for o, g in zip(outputs, gouts)], **a)
+    out = []
+    for i, g in zip(ins, res):
+        if g is not None and type(i) is ST:
+            g = wrap(g, REPLICA if i._spec.is_partial else i._spec, i._pg, i._gshape)
+        out.append(g)
+    return dict(zip(inputs.keys(), out)) if as_dict else tuple(out)
 
 
 def _grad_local(out, g):

@@ -1,0 +1,188 @@
+"""Custom `torch.autograd.Function`s called on ShardedTensors.
+
+`Function.apply` is C++ that records the function's backward node on the tensors it is handed:
+for a ShardedTensor that is the wrapper, while a ShardedTensor's gradients live on its shard
+(every rule computes on the shards). Left alone, the gradient path through any custom Function
+(reentrant `torch.utils.checkpoint`, a user's fused op) would be silently cut.
+
+So `apply` with a ShardedTensor argument builds two graphs and joins them: the Function runs as
+written, on detached wrapper leaves, recording its node on wrappers (its `ctx`, saved tensors,
+`needs_input_grad`, `mark_non_differentiable` all as torch implements them); one local-level
+node (`_Bridge`) then stands for it in the shards' graph. Its backward hands the shard
+gradients (as ShardedTensors) to the Function's node through the engine and returns the input
+gradients' shards. The Function's own backward runs on ShardedTensors, through the rules, like
+its forward. Calls without a ShardedTensor argument go straight to torch's `apply`.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .spec import REPLICA
+from .tensor import ShardedTensor, wrap
+
+__all__ = ["install"]
+
+ST = ShardedTensor
+_Function = torch.autograd.Function
+_ORIG_APPLY = _Function.__dict__["apply"].__func__
+_DisableTF = torch._C.DisableTorchFunctionSubclass
+_run_backward = torch.autograd.graph._engine_run_backward
+_requires_grad = torch._C.TensorBase.requires_grad.__get__
+
+
+def _c_requires_grad(t) -> bool:
+    """The wrapper's own autograd flag (not the shard's, which the rules answer)."""
+    with _DisableTF():
+        return _requires_grad(t)
+
+
+class _Capture(_Function):
+    """The Function's input number `k` at the wrapper level: its backward records the gradient
+    the Function's node computed for it (no tensor op on it: the engine's own accumulation and
+    `AccumulateGrad` are C++, which a ShardedTensor must not reach)."""
+
+    @staticmethod
+    def forward(ctx, token, call, k, local, boxed):
+        ctx.call, ctx.k = weakref.ref(call), k   # weak: the bridge's ctx owns the call
+        x = boxed[0]   # boxed: not an input of this node (its own history stays out)
+        if type(x) is ST:
+            return wrap(local.detach(), x._spec, x._pg, x._gshape, x._compute_spec)
+        return local.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        got = ctx.call().got
+        k = ctx.k
+        got[k] = g if got[k] is None or g is None else got[k] + g
+        return None, None, None, None, None
+
+
+class _Bridge(_Function):
+    """Stands in the shards' graph for one call of a custom Function (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, call, *inputs):
+        ctx.call = call
+        # aliases: the call keeps the Function's outputs (the engine's roots) but not these,
+        # whose history is this node (no reference cycle through the call)
+        return tuple(x.detach() for x in call.out_locals)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        call = ctx.call
+        outs, gouts = [], []
+        for o, g in zip(call.outs, grads):
+            if g is None:
+                continue
+            outs.append(o)
+            if type(o) is ST:   # a partial output's gradient: replicated (that of the sum)
+                g = wrap(g, REPLICA if o._spec.is_partial else o._spec, o._pg, o._gshape)
+            gouts.append(g)
+        call.got = [None] * len(call.inputs)
+        if outs:
+            # no `inputs=`: reentrant checkpoint refuses a backward that names them
+            _run_backward(tuple(outs), tuple(gouts), True, False, (), True, True)
+        got, call.got = call.got, None
+        res = tuple(_shard_of(g, a) for g, a in zip(got, call.inputs))
+        return (None,) + (res or (None,))
+
+
+def _shard_of(g, layout):
+    """The gradient `g` of a Function input laid out as `layout` ((spec, pg) of a
+    ShardedTensor, None for a plain tensor), as that input's own graph expects it."""
+    if g is None or layout is None:
+        return g.full() if type(g) is ST else g
+    spec, pg = layout
+    spec = REPLICA if spec.is_partial else spec   # a summand's gradient: the sum's
+    if type(g) is ST:
+        return g._local if g._spec == spec else g.redistribute(spec)._local
+    from .spec import take_shard   # a plain (replicated) gradient: this rank's part
+    return take_shard(g, spec, pg.tp_local_rank()) if spec.is_shard else g
+
+
+class _Call:
+    __slots__ = ("inputs", "got", "outs", "out_locals", "__weakref__")
+
+
+def _sharded_apply(cls, args, kwargs):
+    """A ShardedTensor among the arguments: every input needing grad enters the Function
+    through a `_Capture` node, so its gradient comes back to the shards' graph by the bridge."""
+    grad = torch.is_grad_enabled()
+    call = _Call()
+    call.inputs, locals_in = [], []   # the layouts (not the tensors) of inputs needing grad
+    token = None
+    new = list(args)
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if type(a) is ST:
+            if not (grad and a._local.requires_grad):
+                new[i] = wrap(a._local.detach(), a._spec, a._pg, a._gshape, a._compute_spec)
+                continue
+        elif not (grad and a.requires_grad):
+            continue
+        if token is None:
+            token = torch.zeros((), requires_grad=True)
+        # `a` itself may carry another call's wrapper-level history: keep the graphs apart
+        new[i] = _ORIG_APPLY(_Capture, token, call, len(call.inputs),
+                             a._local if type(a) is ST else a.detach(), (a,))
+        call.inputs.append((a._spec, a._pg) if type(a) is ST else None)
+        locals_in.append(a._local if type(a) is ST else a)
+    out = _ORIG_APPLY(cls, *new, **kwargs)
+    if not call.inputs:
+        return out
+    return _bridge(cls, out, call, locals_in, new)
+
+
+def _bridge(cls, out, call, locals_in, args):
+    """Give the Function's differentiable outputs the bridge's history (see the module doc)."""
+    single = not isinstance(out, tuple)
+    outs = [out] if single else list(out)
+    diff = [j for j, o in enumerate(outs) if isinstance(o, torch.Tensor) and _c_requires_grad(o)]
+    if not diff:
+        return out
+    for j in diff:
+        if any(outs[j] is x for x in args):
+            raise NotImplementedError(
+                f"{cls.__name__}.apply returned one of its inputs unchanged; return a new "
+                f"tensor (e.g. x.clone()) from a custom Function's forward")
+    call.outs = [outs[j] for j in diff]
+    call.out_locals = [o._local if type(o) is ST else o.detach() for o in call.outs]
+    if not locals_in:   # the outputs' history reaches the inputs' own graphs directly
+        locals_in = [torch.zeros((), requires_grad=True)]
+    locs = _Bridge.apply(call, *locals_in)
+    call.out_locals = None
+    for j, o, loc in zip(diff, call.outs, locs):
+        # the caller gets new tensors (the same storage) whose history is the bridge
+        outs[j] = wrap(loc, o._spec, o._pg, o._gshape, o._compute_spec) if type(o) is ST else loc
+    return outs[0] if single else tuple(outs)
+
+
+def _apply(cls, *args, **kwargs):
+    for a in args:
+        if type(a) is ST:
+            if torch.compiler.is_compiling():
+                break
+            return _sharded_apply(cls, args, kwargs)
+    out = _ORIG_APPLY(cls, *args, **kwargs)
+    if type(out) is ST or (type(out) is tuple and any(type(o) is ST for o in out)):
+        # no ShardedTensor went in but one came out (reentrant checkpoint of a block whose
+        # parameters are sharded): plain inputs are linked to the Function's node already;
+        # the bridge joins its outputs' shards to it
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            call = _Call()
+            call.inputs = []
+            return _bridge(cls, out, call, [], args)
+    return out
+
+
+_apply.__doc__ = _ORIG_APPLY.__doc__
+
+
+def install() -> None:
+    """Route `torch.autograd.Function.apply` calls that get a ShardedTensor through the bridge
+    (done on `import shardtensor`; idempotent)."""
+    if _Function.__dict__["apply"].__func__ is not _apply:
+        _Function.apply = classmethod(_apply)

@@ -1,0 +1,264 @@
+"""Custom `torch.autograd.Function`s on ShardedTensors (shardtensor/function.py): a user's own
+Function and reentrant `torch.utils.checkpoint` give serial values and gradients; without the
+bridge their gradient path was silently cut (parameters before a reentrant checkpoint got no
+gradient at all)."""
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from hypothesis import given, strategies as hs
+from torch.utils.checkpoint import checkpoint
+
+import shardtensor as st
+from shardtensor.models_testing import build, inputs_for
+from shardtensor.testing import run
+from strategies import WORLDS, shapes, specs
+
+from ops.test_elementwise import make
+
+
+class MulAdd(torch.autograd.Function):
+    """x * y + x, written the way users write Functions: saved tensors, needs_input_grad."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale):
+        ctx.save_for_backward(x, y)
+        ctx.scale = scale
+        return (x * y + x) * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        gx = g * (y + 1) * ctx.scale if ctx.needs_input_grad[0] else None
+        gy = g * x * ctx.scale if ctx.needs_input_grad[1] else None
+        return gx, gy, None
+
+
+class SplitStats(torch.autograd.Function):
+    """Two outputs, the second marked non-differentiable; the first a view-free new tensor."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        pos = (x > 0).to(x.dtype)
+        ctx.mark_non_differentiable(pos)
+        return x.tanh(), pos
+
+    @staticmethod
+    def backward(ctx, g, _gpos):
+        (x,) = ctx.saved_tensors
+        return g * (1 - x.tanh() ** 2)
+
+
+def _full(x):
+    return x.full() if isinstance(x, st.ShardedTensor) else x
+
+
+def _muladd(rank, shape, xspec, yspec, y_grad, seed):
+    pg = st.ProcessGroup()
+    torch.manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(shape, dtype=torch.float64, requires_grad=y_grad)
+    w = torch.randn(shape, dtype=torch.float64)
+    sx = make(x, xspec, pg, rank, seed)
+    sy = make(y, yspec, pg, rank, seed + 1)
+    h = sx * 1.5   # the Function's input is an activation, not a leaf
+    out = MulAdd.apply(h, sy, 0.5)
+    (_full(out) * w).sum().backward()
+    return _full(out).detach(), x.grad, y.grad
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@given(data=hs.data())
+def test_custom_function_matches_serial(world, data):
+    shape = data.draw(shapes(max_dims=3, max_side=7))
+    xspec = data.draw(specs(shape, world))
+    yspec = data.draw(hs.one_of(hs.none(), specs(shape, world)))
+    y_grad = data.draw(hs.booleans())
+    seed = data.draw(hs.integers(0, 2 ** 16))
+    res = run(world, _muladd, shape, xspec, yspec, y_grad, seed)
+    torch.manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(shape, dtype=torch.float64, requires_grad=y_grad)
+    w = torch.randn(shape, dtype=torch.float64)
+    ref = MulAdd.apply(x * 1.5, y, 0.5)
+    (ref * w).sum().backward()
+    # a partial input's summands each get the whole gradient; from_global's gradient is gathered
+    xs = [g for _, g, _ in res]
+    if xspec.is_partial:
+        xs = [xs[0]]   # rank 0's summand holds x itself
+    for out, gx, gy in res:
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
+    for gx in xs:
+        torch.testing.assert_close(gx, x.grad, rtol=1e-12, atol=1e-12)
+    if y_grad:
+        gys = [g for _, _, g in res]
+        if yspec is not None and yspec.is_partial:
+            gys = gys[:1]
+        for gy in gys:
+            torch.testing.assert_close(gy, y.grad, rtol=1e-12, atol=1e-12)
+    else:
+        assert all(g is None for _, _, g in res)
+
+
+def _two_outputs(rank):
+    pg = st.ProcessGroup()
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    sx = st.ShardedTensor.from_global(x, pg, st.ShardSpec(1, pg.tp_world_size()))
+    t, pos = SplitStats.apply(sx * 2)
+    out = (t * pos).sum()
+    flags = (isinstance(t, st.ShardedTensor), t.spec, pos.requires_grad, t.requires_grad)
+    _full(out).backward(retain_graph=True)
+    first = x.grad.clone()
+    _full(out).backward()    # the graph was retained: the Function's node runs again
+    return flags, first, x.grad
+
+
+def test_two_outputs_non_differentiable_and_retain_graph():
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    t, pos = SplitStats.apply(x * 2)
+    (t * pos).sum().backward()
+    for flags, first, twice in run(2, _two_outputs):
+        assert flags == (True, st.ShardSpec(1, 2), False, True)
+        torch.testing.assert_close(first, x.grad)
+        torch.testing.assert_close(twice, 2 * x.grad)
+
+
+def _no_leak(rank):
+    pg = st.ProcessGroup()
+    x = torch.randn(64, 64, requires_grad=True)
+    sx = st.ShardedTensor.from_global(x, pg, st.ShardSpec(0, pg.tp_world_size()))
+    out = MulAdd.apply(sx * 2, sx, 1.0)
+    ref = weakref.ref(out.to_local())
+    out.sum().full().backward()
+    del out
+    gc.collect()
+    return ref() is None
+
+
+def test_bridge_frees_its_graph():
+    assert all(run(2, _no_leak))
+
+
+def _plain_untouched(rank):
+    x = torch.randn(5, requires_grad=True)
+    y = MulAdd.apply(x, x.detach(), 2.0)
+    y.sum().backward()
+    return type(y).__name__, y.grad_fn.__class__.__name__, x.grad
+
+
+def test_plain_calls_go_straight_to_torch():
+    name, fn, g = run(1, _plain_untouched)[0]
+    assert name == "Tensor" and fn == "MulAddBackward"
+
+
+def _reentrant(rank, arch, reentrant):
+    pg = st.ProcessGroup()
+    serial = build(arch, "eager")
+    model = copy.deepcopy(serial)
+    st.parallelize(model, pg)
+    batch = inputs_for(arch)
+    losses = []
+    for m in (serial, model):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        loss = m(**batch).loss
+        loss.backward()
+        losses.append(_full(loss).item())
+    missing, worst = [], 0.0
+    for (name, p), q in zip(serial.named_parameters(), model.parameters()):
+        if (p.grad is None) != (q.grad is None):
+            missing.append(name)
+        elif p.grad is not None:
+            worst = max(worst, ((_full(q.grad) - p.grad).abs().max()
+                                / p.grad.abs().max().clamp_min(1e-6)).item())
+    return losses, missing, worst
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_reentrant_gradient_checkpointing_equals_serial(arch):
+    for (ls, lp), missing, worst in run(2, _reentrant, arch, True):
+        assert abs(ls - lp) <= 1e-5 * abs(ls)
+        assert not missing, f"no gradient for {missing[:4]}"
+        assert worst < 1e-4
+
+
+def _mlp_checkpoint(rank, reentrant):
+    """A hand-written column -> row MLP under torch.utils.checkpoint: Megatron's activation
+    recomputation. The backward re-runs the forward (its all-reduce included)."""
+    pg = st.ProcessGroup()
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+    ref1, ref2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
+    st.split_row(fc1.weight, pg), st.split_row(fc1.bias, pg), st.split_col(fc2.weight, pg)
+    x = torch.randn(4, 8, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+
+    def mlp(a, l1, l2):
+        return l2(torch.nn.functional.gelu(l1(a)))
+    with st.CommTrace() as tr:
+        out = checkpoint(mlp, x, fc1, fc2, use_reentrant=reentrant)
+        _full(out).pow(2).sum().backward()
+    checkpoint(mlp, xr, ref1, ref2, use_reentrant=reentrant).pow(2).sum().backward()
+    err = max(((_full(a.grad) - b.grad).abs().max() / b.grad.abs().max()).item()
+              for a, b in [(fc1.weight, ref1.weight), (fc1.bias, ref1.bias),
+                           (fc2.weight, ref2.weight), (fc2.bias, ref2.bias), (x, xr)])
+    kinds = sorted((e.phase, e.kind) for e in tr.events)
+    return err, kinds
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_megatron_mlp(reentrant):
+    for err, kinds in run(2, _mlp_checkpoint, reentrant):
+        assert err < 1e-5
+        # the forward all-reduce, f's backward all-reduce, and (reentrant) the forward's again
+        # when the block is recomputed, as Megatron's recomputation does; the non-reentrant
+        # checkpoint stops recomputing once fc2's saved input is back, before the all-reduce
+        assert [k for _, k in kinds] == ["all_reduce"] * (3 if reentrant else 2), kinds
+
+
+class GeluFn(torch.autograd.Function):
+    """BLOOM's `GeLUFunction` pattern: the backward differentiates again with autograd.grad."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.gelu(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            y = torch.nn.functional.gelu(x)
+            return torch.autograd.grad(y, x, g)[0]
+
+
+def _mlp_function(rank):
+    pg = st.ProcessGroup()
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+    ref1, ref2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
+    st.split_row(fc1.weight, pg), st.split_row(fc1.bias, pg), st.split_col(fc2.weight, pg)
+    x = torch.randn(4, 8)
+    with st.CommTrace() as tr:
+        out = fc2(GeluFn.apply(fc1(x)))
+        _full(out).pow(2).sum().backward()
+    ref2(GeluFn.apply(ref1(x))).pow(2).sum().backward()
+    errs = [None if a.grad is None else ((_full(a.grad) - b.grad).abs().max()
+                                         / b.grad.abs().max()).item()
+            for a, b in [(fc1.weight, ref1.weight), (fc1.bias, ref1.bias),
+                         (fc2.weight, ref2.weight), (fc2.bias, ref2.bias)]]
+    return errs, sorted(e.kind for e in tr.events)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_function_between_column_and_row_linears(world):
+    """Before the bridge fc1's gradient was None (the path through the Function was cut)."""
+    for errs, kinds in run(world, _mlp_function):
+        assert all(e is not None and e < 1e-5 for e in errs), errs
+        # the row linear's forward all-reduce; x needs no gradient, so no backward one
+        assert kinds == (["all_reduce"] if world > 1 else [])
