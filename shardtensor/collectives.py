@@ -125,6 +125,18 @@ def _all_to_all(x: torch.Tensor, src: ShardSpec, dst: ShardSpec, full_shape: Seq
 
 # --- autograd Functions ------------------------------------------------------------------------
 
+def _first_order(g: torch.Tensor, name: str) -> None:
+    """The collectives' backward passes are first-order (raw collectives): refuse to build a
+    graph through them (`create_graph=True`: gradient penalties, Hessian-vector products), which
+    would give wrong higher-order gradients."""
+    if torch.is_grad_enabled() and g.requires_grad:
+        raise NotImplementedError(
+            f"shardtensor: a second-order gradient (backward/autograd.grad with "
+            f"create_graph=True) through the tensor-parallel collective {name} is not "
+            f"supported; its backward is first order. Compute the penalty on a "
+            f"non-parallelized model, or at tp=1")
+
+
 class _CopyToRegion(torch.autograd.Function):
     """Forward: identity (a replicated value enters a parallel region). Backward: all-reduce."""
 
@@ -135,6 +147,7 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _first_order(g, "CopyToRegion")
         return all_reduce_(g.clone(), ctx.pg, ctx.op, "backward"), None, None
 
 
@@ -147,6 +160,7 @@ class _ReduceFromRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _first_order(g, "ReduceFromRegion")
         return g, None, None, None
 
 
@@ -160,6 +174,7 @@ class _GatherFromRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _first_order(g, "GatherFromRegion")
         return take_shard(g, ctx.spec, ctx.pg.tp_local_rank()), None, None, None, None
 
 
@@ -174,6 +189,7 @@ class _ScatterToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _first_order(g, "ScatterToRegion")
         return _all_gather(g, ctx.spec, ctx.n, ctx.pg, ctx.op, "backward"), None, None, None
 
 
@@ -187,6 +203,7 @@ class _ReduceScatterToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _first_order(g, "ReduceScatterToRegion")
         return _all_gather(g, ctx.spec, ctx.n, ctx.pg, ctx.op, "backward"), None, None, None
 
 
@@ -200,6 +217,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _first_order(g, "AllToAll")
         src, dst, full_shape, pg, op = ctx.args
         return _all_to_all(g, dst, src, full_shape, pg, op, "backward"), None, None, None, None, None
 
@@ -214,6 +232,7 @@ class _PartialFromReplica(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _first_order(g, "PartialFromReplica")
         return g, None
 
 
@@ -234,6 +253,7 @@ class _PartialFromShard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _first_order(g, "PartialFromShard")
         return take_shard(g, ctx.spec, ctx.rank), None, None, None
 
 
@@ -343,6 +363,7 @@ class _ExtremumFromRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _first_order(g, "ExtremumFromRegion")
         x, y = ctx.saved_tensors
         hit = (x == y).to(g.dtype)
         count = all_reduce_(hit.clone(), ctx.pg, ctx.op, "backward")

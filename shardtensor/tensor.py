@@ -314,7 +314,55 @@ def _specs_of(args, kwargs):
 _WARNED = set()
 
 
+# ops that draw random numbers: run on each rank alone they would give each rank other values
+_RANDOM = ("rand", "normal", "bernoulli", "multinomial", "poisson", "dropout", "exponential",
+           "geometric", "cauchy", "log_normal", "uniform", "shuffle", "perm")
+
+
+_NOT_LOCAL = object()
+
+
+def _replicated_locally(func, args, kwargs):
+    """An op with no rule whose ShardedTensor inputs are all replicated (plain tensors and
+    numbers are replicated values too) gives the same result on every rank: run it on the
+    local tensors, present tensor results as replicated (an input written in place is
+    returned as itself). _NOT_LOCAL when some input is sharded or partial, or the op is
+    random."""
+    from torch.utils._pytree import tree_flatten, tree_map
+    leaves, _ = tree_flatten((args, kwargs))
+    pg = None
+    for x in leaves:
+        if type(x) is ShardedTensor:
+            if not x._spec.is_replicate:
+                return _NOT_LOCAL
+            pg = pg or x._pg
+    fname = getattr(func, "__name__", "") or ""
+    if pg is None or any(r in fname for r in _RANDOM):
+        return _NOT_LOCAL
+    owners = {}
+
+    def unwrap(x):
+        if type(x) is ShardedTensor:
+            owners[id(x._local)] = x
+            return x._local
+        return x
+
+    _trace.current_op[0] = func
+    with _DisableTF():
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+    def present(y):
+        if not isinstance(y, torch.Tensor) or type(y) is ShardedTensor:
+            return y
+        owner = owners.get(id(y))
+        return owner if owner is not None else wrap(y, _REPLICA, pg, y.shape)
+    return tree_map(present, out)
+
+
 def _no_rule(func, args, kwargs):
+    out = _replicated_locally(func, args, kwargs)
+    if out is not _NOT_LOCAL:
+        return out
     name = _trace.func_name(func)
     specs = _specs_of(args, kwargs)
     if config.fallback != "gather":

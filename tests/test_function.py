@@ -262,3 +262,32 @@ def test_function_between_column_and_row_linears(world):
         assert all(e is not None and e < 1e-5 for e in errs), errs
         # the row linear's forward all-reduce; x needs no gradient, so no backward one
         assert kinds == (["all_reduce"] if world > 1 else [])
+
+
+def _penalty(rank):
+    """A gradient penalty (WGAN-GP style): autograd.grad(create_graph=True) then backward."""
+    pg = st.ProcessGroup()
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 1)
+    ref1, ref2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
+    st.split_row(fc1.weight, pg), st.split_row(fc1.bias, pg), st.split_col(fc2.weight, pg)
+    x = torch.randn(4, 8, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    try:
+        y = _full(fc2(torch.tanh(fc1(x)))).sum()
+        (g,) = torch.autograd.grad(y, x, create_graph=True)
+        g.pow(2).sum().backward()
+    except NotImplementedError as e:
+        return str(e), None
+    (gr,) = torch.autograd.grad(ref2(torch.tanh(ref1(xr))).sum(), xr, create_graph=True)
+    gr.pow(2).sum().backward()
+    return None, ((_full(fc1.weight.grad) - ref1.weight.grad).abs().max()
+                  / ref1.weight.grad.abs().max()).item()
+
+
+def test_second_order_gradients_refused_through_collectives():
+    """They were silently wrong (rel err 0.3-1): the collectives' backwards are first order."""
+    err, rel = run(1, _penalty)[0]     # tp=1: no collective in the graph, exact
+    assert err is None and rel < 1e-6
+    for err, _ in run(2, _penalty):
+        assert err is not None and "create_graph=True" in err and "second-order" in err
