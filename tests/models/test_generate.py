@@ -171,3 +171,35 @@ def _rules_vs_serial(rank, world):
 def test_topk_multinomial_gather_equal_serial():
     for errors in run(4, _rules_vs_serial, 4):
         assert all(errors), errors
+
+
+# generate's logits processors that write into vocab-sharded scores: min-p (scatter_ of its top
+# tokens), sequence bias / bad words (index_add_), the repetition penalty (F.pad, gather,
+# scatter), no-repeat n-grams (unfold on the replicated ids)
+PROCESSORS = [
+    ("llama", "no_grad", {"repetition_penalty": 3.0}),
+    ("gpt2", "inference_mode", {"no_repeat_ngram_size": 2}),
+    ("llama", "inference_mode", {"bad_words_ids": [[2], [31, 7]]}),
+    ("gpt2", "no_grad", {"sequence_bias": {(9,): 4.0, (3, 4): -2.0}}),
+    ("llama", "no_grad", {"do_sample": True, "min_p": 0.9}),
+    ("opt", "no_grad", {"repetition_penalty": 2.0, "num_beams": 2}),
+]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_generate_with_logits_processors_equals_serial(world):
+    ranks = run(world, _generate, PROCESSORS, world)
+    ids, mask = _prompt()
+    for i, case in enumerate(PROCESSORS):
+        arch, _, kw = case
+        # each processor changes the serial tokens here (else the case would test nothing)
+        base = {k: v for k, v in kw.items() if k in ("do_sample", "num_beams")}
+        with torch.no_grad():
+            torch.manual_seed(11)
+            plain = build(arch, "sdpa", layers=1, vocab=VOCAB).eval().generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=PAD[arch],
+                **base).tolist()
+        assert ranks[0][i][0] != plain, case
+        for r, res in enumerate(ranks):
+            ref, got, _ = res[i]
+            assert got == ref, (case, r)
