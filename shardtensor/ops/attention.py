@@ -16,6 +16,7 @@ default generator, identically on every rank. Masks therefore do not equal the s
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import torch
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 
 from ..collectives import copy_to_region
 from ..spec import shard_ranges
-from ._util import REPLICA, ST, ShardSpec, shard_spec, group_of, rule, spec_of, to_layout, wrap
+from ._util import (REPLICA, ST, ShardSpec, config, group_of, rule, shard_spec, spec_of,
+                    to_layout, wrap)
 
 _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -120,12 +122,22 @@ def scaled_dot_product_attention(func, args, kwargs):
         rest["enable_gqa"] = False                   # (torch < 2.5 has no such argument)
     rest["attn_mask"] = _mask_local(mask, spec, nd, pg, func)
     if rest.get("dropout_p", 0.0) and spec.is_shard and pg.tp_world_size() > 1:
+        if config.dropout == "serial" and not _WARNED_SERIAL:
+            _WARNED_SERIAL.append(True)
+            warnings.warn("shardtensor: config.dropout = 'serial' cannot give scaled_dot_product"
+                          "_attention's dropout_p the serial masks (they are drawn inside the "
+                          "fused kernel); each rank draws its heads' masks from its own stream. "
+                          "Use attn_implementation='eager' for serial-equal attention dropout",
+                          stacklevel=3)
         out = _with_rank_rng(ql.device, pg,
                              lambda: F.scaled_dot_product_attention(ql, kl, vl, **rest))
     else:
         out = F.scaled_dot_product_attention(ql, kl, vl, **rest)
     oshape = tuple(qg[:-1]) + ((val._gshape if type(val) is ST else val.shape)[-1],)
     return wrap(out, spec, pg, oshape)
+
+
+_WARNED_SERIAL: list = []
 
 
 def _target(q, k, val, nd, same_heads: bool):

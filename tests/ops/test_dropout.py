@@ -163,3 +163,24 @@ def test_activation_checkpointing_recomputes_the_same_masks():
         assert same_out and same_grad
     # without the context the recomputation draws new masks: the gradient is wrong
     assert not any(same_grad for _, same_grad in run(2, _checkpointed, False))
+
+
+def _sdpa_serial_warns(rank):
+    import warnings
+    pg = st.ProcessGroup()
+    q = st.ShardedTensor.from_global(torch.randn(2, 4, 5, 8), pg, st.ShardSpec(1, 2))
+    st.config.dropout = "serial"
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    finally:
+        st.config.dropout = "independent"
+    return [str(m.message) for m in w if "fused kernel" in str(m.message)]
+
+
+def test_sdpa_dropout_under_serial_mode_warns_once():
+    """sdpa draws its masks inside the kernel: 'serial' cannot be honoured there, and says so."""
+    for msgs in run(2, _sdpa_serial_warns):
+        assert len(msgs) == 1 and "attn_implementation='eager'" in msgs[0]
