@@ -198,3 +198,58 @@ def _row_sharded(func, a, x, target, wfull, c, prob, serial_kw, pg):
     else:
         denom = _targets(func, target, gx[c], a["ignore_index"], wfull, pg, per.dtype)[3].sum()
     return wrap(per.sum() / denom, PARTIAL, pg, torch.Size(()))
+
+
+# --- pointwise losses: elementwise on the shards, the reduction by the reduction rules --------
+
+_POINTWISE = tuple(f for f in (F.kl_div, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
+                               F.binary_cross_entropy_with_logits, F.binary_cross_entropy,
+                               F.soft_margin_loss, F.poisson_nll_loss)
+                   if f is not None)
+_SIGNATURES: dict = {}
+
+
+@rule(*_POINTWISE)
+def pointwise_loss(func, args, kwargs):
+    """Losses that are elementwise before their reduction (distillation's KL divergence, MSE,
+    BCE with logits, ... on vocab-sharded logits): the per-element loss is computed on the
+    shards in the input's layout (`reduction='none'`), then summed or averaged by the reduction
+    rules (one all-reduce). Weights are broadcast to the input's shape and sliced alike."""
+    import inspect
+    sig = _SIGNATURES.get(func)
+    if sig is None:
+        sig = _SIGNATURES[func] = inspect.signature(func)
+    a = sig.bind(*args, **kwargs)
+    a.apply_defaults()
+    a = dict(a.arguments)
+    if a.get("size_average") is not None or a.get("reduce") is not None:
+        a["reduction"] = _Reduction.legacy_get_string(a.pop("size_average"), a.pop("reduce"))
+    a.pop("size_average", None)
+    a.pop("reduce", None)
+    reduction = a.pop("reduction")
+    x, t = a.pop("input"), a.pop("target")
+    pg = group_of(func, x, t, *(v for v in a.values() if isinstance(v, torch.Tensor)))
+    gshape = tuple(_shape(x))
+    spec = next((s for s in (spec_of(x), spec_of(t)) if s.is_shard), REPLICA)
+    if tuple(_shape(t)) != gshape:
+        spec = REPLICA   # a broadcasting target: computed on the whole value
+    for v in (x, t):
+        if type(v) is ST and v._spec.is_partial:
+            materialize(v, func)   # a pending sum meets a non-linear loss: reduced (once)
+    xl, tl = to_layout(x, spec, pg, func), to_layout(t, spec, pg, func)
+    for k, v in list(a.items()):
+        if isinstance(v, torch.Tensor):   # weight, pos_weight: broadcast to the input, sliced
+            full = to_layout(v, REPLICA, pg, func) if type(v) is ST else v
+            a[k] = to_layout(torch.broadcast_to(full, gshape), spec, pg, func) \
+                if spec.is_shard else full
+    per = func(xl, tl, reduction="none", **a)
+    out = wrap(per, spec, pg, gshape)
+    if reduction == "none":
+        return out
+    if reduction == "sum":
+        return out.sum()
+    if reduction == "mean":
+        return out.mean()
+    if reduction == "batchmean" and func is F.kl_div:
+        return out.sum() / (gshape[0] if gshape else 1)
+    raise ValueError(f"{_trace.func_name(func)}: {reduction!r} is not a valid value for reduction")
