@@ -86,7 +86,7 @@ _lin(_DIV, "prod", (0, "input"))
 _OTHER, _OTHER_IP = _spellings("""
     floor_divide remainder fmod maximum minimum fmax fmin pow float_power atan2 hypot eq ne lt
     le gt ge greater less greater_equal less_equal not_equal logical_and logical_or logical_xor
-    bitwise_and bitwise_or bitwise_xor masked_fill addcmul addcdiv copysign xlogy
+    bitwise_and bitwise_or bitwise_xor masked_fill addcmul addcdiv copysign xlogy isclose
     """, ("__rtruediv__", "__rdiv__", "__pow__", "__rpow__", "__ipow__", "__floordiv__",
           "__rfloordiv__", "__ifloordiv__", "__mod__", "__rmod__", "__imod__", "__eq__", "__ne__",
           "__lt__", "__le__", "__gt__", "__ge__", "__and__", "__rand__", "__iand__", "__or__",
@@ -538,3 +538,18 @@ def zero_(func, args, kwargs):
     x = args[0]
     x._local.zero_()
     return x
+
+
+@rule(torch.allclose, T.allclose, torch.equal, T.equal)
+def allclose(func, args, kwargs):
+    """`torch.allclose` / `torch.equal`: the elementwise comparison on the shards, then one
+    all-reduce of the verdict (every rank answers alike)."""
+    a, b = args[0], args[1]
+    if func in (torch.equal, T.equal):
+        if tuple(a.shape) != tuple(b.shape):
+            return False
+        return bool((a == b).all())
+    names = ("rtol", "atol", "equal_nan")
+    kw = dict(zip(names, args[2:]))
+    kw.update(kwargs)
+    return bool(torch.isclose(a, b, **kw).all())

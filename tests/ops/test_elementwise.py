@@ -170,6 +170,8 @@ BINARY = [
     ("a < b", operator.lt, "any", "any", True, True, False),
     ("ge", lambda a, b: torch.ge(a, b), "any", "any", False, True, False),
     ("eq", lambda a, b: a == b, "any", "any", True, True, False),
+    ("isclose", lambda a, b: torch.isclose(a, a * 1.0000001 if isinstance(b, float) else b,
+                                           atol=0.3), "any", "any", False, True, False),
     ("logical_and", lambda a, b: torch.logical_and(a > 0, b > 0), "any", "any", False, False, False),
     ("bool a & b", lambda a, b: (a > 0) & (b < 0), "any", "any", False, False, False),
     ("where", lambda a, b: torch.where(a > 0, a, b), "any", "any", False, True, True),
@@ -638,3 +640,22 @@ def test_partial_value_is_reduced_once_for_every_reader():
         w = torch.randn(6, dtype=torch.float64)
         (torch.relu(x) + 2 * x ** 2 + 3 * (x + w)).sum().backward()
         torch.testing.assert_close(grad, x.grad)
+
+
+def _allclose(rank, spec_a, spec_b):
+    pg = st.ProcessGroup()
+    x = torch.arange(24.0, dtype=torch.float64).view(4, 6)
+    y = x.clone()
+    y[3, 5] += 1e-3                      # differs in one element, held by one rank
+    a = make(x, spec_a, pg, rank, 0)
+    b = make(y, spec_b, pg, rank, 1)
+    return (torch.allclose(a, b), torch.allclose(a, b, atol=1e-2), torch.equal(a, a * 1),
+            torch.equal(a, b), a.allclose(b, rtol=0, atol=2e-3))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_allclose_and_equal_agree_on_every_rank(world):
+    for sa, sb in [(st.ShardSpec(1, world), st.ShardSpec(1, world)),
+                   (st.ShardSpec(0, world), None), (st.PartialSpec(), st.ShardSpec(1, world))]:
+        for res in run(world, _allclose, sa, sb):
+            assert res == (False, True, True, False, True), (sa, sb)
