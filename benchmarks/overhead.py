@@ -4,7 +4,7 @@
 
 Measures, in one run: per-op cost (add, gelu, linear, matmul, view, transpose, embedding with a
 hidden-split and a vocab-split table; every input laid out beforehand, so each row times one op) of plain tensors,
-DTensor and ShardedTensor; a Linear-GELU-Linear training step (column then row parallel,
+DTensor, ShardedTensor and the floor of any Python wrapper subclass (`Floor`: unwrap, run, rewrap); a Linear-GELU-Linear training step (column then row parallel,
 forward + backward) in all three; an AdamW step (foreach) over a parallelized GPT-2's parameters
 against the same step over plain tensors of the local shard sizes, over the thinnest tensor
 subclass (the `__torch_function__` protocol's own floor) and over DTensors, for a tiny GPT-2 (all
@@ -59,6 +59,27 @@ def dtensor_api():
     return Replicate, Shard, distribute_tensor, init_device_mesh, ColwiseParallel, RowwiseParallel, parallelize_module
 
 
+class Floor(torch.Tensor):
+    """The least a Python wrapper subclass can do per op: unwrap the arguments, run the op on
+    the inner tensors, wrap a tensor result (`_make_wrapper_subclass` plus one attribute). No
+    layout logic at all: any wrapper design (shardtensor's, DTensor's) pays at least this."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = func(*[a._inner if type(a) is Floor else a for a in args], **(kwargs or {}))
+        return _floor(out) if isinstance(out, torch.Tensor) else out
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError("Floor: aten op reached __torch_dispatch__")
+
+
+def _floor(t):
+    w = torch.Tensor._make_wrapper_subclass(Floor, t.shape, dtype=t.dtype, device=t.device)
+    w.__dict__["_inner"] = t
+    return w
+
+
 def per_op(pg, mesh, api, number, repeat):
     Replicate, Shard, distribute_tensor = api[0], api[1], api[2]
     torch.manual_seed(0)
@@ -79,23 +100,26 @@ def per_op(pg, mesh, api, number, repeat):
     drx = dx.redistribute(mesh, [Replicate()])
     vtab = st.ShardedTensor.from_global(table, pg, st.ShardSpec(0, 1))
     dvtab = distribute_tensor(table, mesh, [Shard(0)])
+    fx, fxt, fw, ftab = _floor(x), _floor(xt), _floor(w), _floor(table)
     cases = {
-        "add": (lambda: x + x, lambda: dx + dx, lambda: sx + sx),
-        "gelu": (lambda: F.gelu(x), lambda: F.gelu(dx), lambda: F.gelu(sx)),
-        "linear": (lambda: F.linear(x, w), lambda: F.linear(drx, dw), lambda: F.linear(rx, sw)),
-        "matmul": (lambda: x @ xt, lambda: dx @ dxt, lambda: sx @ sxt),
-        "view": (lambda: x.view(8, 4, 4), lambda: dx.view(8, 4, 4), lambda: sx.view(8, 4, 4)),
-        "transpose": (lambda: x.T, lambda: dx.T, lambda: sx.T),
+        "add": (lambda: x + x, lambda: dx + dx, lambda: sx + sx, lambda: fx + fx),
+        "gelu": (lambda: F.gelu(x), lambda: F.gelu(dx), lambda: F.gelu(sx), lambda: F.gelu(fx)),
+        "linear": (lambda: F.linear(x, w), lambda: F.linear(drx, dw), lambda: F.linear(rx, sw),
+                   lambda: F.linear(fx, fw)),
+        "matmul": (lambda: x @ xt, lambda: dx @ dxt, lambda: sx @ sxt, lambda: fx @ fxt),
+        "view": (lambda: x.view(8, 4, 4), lambda: dx.view(8, 4, 4), lambda: sx.view(8, 4, 4),
+                 lambda: fx.view(8, 4, 4)),
+        "transpose": (lambda: x.T, lambda: dx.T, lambda: sx.T, lambda: fx.T),
         "embedding": (lambda: F.embedding(ids, table), lambda: F.embedding(dids, dtab),
-                      lambda: F.embedding(ids, stab)),
+                      lambda: F.embedding(ids, stab), lambda: F.embedding(ids, ftab)),
         "embedding (vocab)": (lambda: F.embedding(ids, table), lambda: F.embedding(dids, dvtab),
-                              lambda: F.embedding(ids, vtab)),
+                              lambda: F.embedding(ids, vtab), lambda: F.embedding(ids, ftab)),
     }
     rows = {}
-    for name, (plain, dt, sh) in cases.items():
-        p, d, s = timeit((plain, dt, sh), number // 4 or 1, repeat)
+    for name, (plain, dt, sh, fl) in cases.items():
+        p, d, s, f = timeit((plain, dt, sh, fl), number // 4 or 1, repeat)
         rows[name] = dict(plain_us=p * 1e6, dtensor_added_us=(d - p) * 1e6,
-                          shardtensor_added_us=(s - p) * 1e6)
+                          shardtensor_added_us=(s - p) * 1e6, floor_added_us=(f - p) * 1e6)
     return rows
 
 
@@ -185,10 +209,16 @@ def main():
                adamw_step=adamw_step(pg, mesh, api, number // 20 or 5, repeat),
                adamw_step_gpt2=adamw_step(pg, mesh, api, 2, 7 if a.quick else 11, "gpt2"))
     print(f"torch {torch.__version__}, CPU, 1 thread, world 1 (median of {repeat})\n")
-    print(f"{'op':<18} {'plain us':>9} {'DTensor +us':>12} {'shardtensor +us':>16} {'ratio':>6}")
+    print(f"{'op':<18} {'plain us':>9} {'DTensor +us':>12} {'shardtensor +us':>16} {'ratio':>6} "
+          f"{'wrapper floor +us':>18} {'floor ratio':>12}")
     for k, r in res["per_op"].items():
-        ratio = r["shardtensor_added_us"] / r["dtensor_added_us"] if r["dtensor_added_us"] > 0 else float("nan")
-        print(f"{k:<18} {r['plain_us']:>9.1f} {r['dtensor_added_us']:>12.1f} {r['shardtensor_added_us']:>16.1f} {ratio:>6.2f}")
+        dt = r["dtensor_added_us"]
+        ratio = r["shardtensor_added_us"] / dt if dt > 0 else float("nan")
+        fratio = r["floor_added_us"] / dt if dt > 0 else float("nan")
+        print(f"{k:<18} {r['plain_us']:>9.1f} {dt:>12.1f} {r['shardtensor_added_us']:>16.1f} "
+              f"{ratio:>6.2f} {r['floor_added_us']:>18.1f} {fratio:>12.2f}")
+    print("(ratio: shardtensor's added cost / DTensor's; floor: a wrapper subclass that only "
+          "unwraps, runs the op and rewraps)")
     m = res["mlp_step"]
     print(f"\nMLP training step: plain {m['plain_ms']:.3f} ms; DTensor adds {m['dtensor_added_ms']:.3f} ms; "
           f"shardtensor adds {m['shardtensor_added_ms']:.3f} ms ({1 / m['dtensor_ratio_of_added']:.2f} of DTensor's)")
