@@ -81,17 +81,36 @@ class Entry:
                 "spec": spec_to_json(self.spec)}
 
 
+def tie_key(t: torch.Tensor):
+    """What makes state entries one tensor: the same view (offset, shape, strides, dtype) of the
+    same memory, for a ShardedTensor that of its shard under the same layout. `state_dict()`
+    without keep_vars gives every name a fresh detached tensor, so identity alone misses ties.
+    A tensor without memory (meta, empty) is only tied to itself."""
+    local = t._local if isinstance(t, ShardedTensor) else t
+    try:
+        ptr = 0 if local.is_meta else local.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no storage to ask (sparse, ...)
+        ptr = 0
+    if ptr == 0:
+        return id(t)
+    layout = (t._spec, tuple(t._gshape)) if isinstance(t, ShardedTensor) else None
+    return (local.device, ptr, local.storage_offset(), tuple(local.shape), local.stride(),
+            local.dtype, layout)
+
+
 def unique_tensors(state: Dict[str, object]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Tied tensors (one object under several names) once, under their first name, + aliases."""
-    first: Dict[int, str] = {}
+    """Tied tensors (one tensor, see `tie_key`, under several names) once, under their first
+    name, + aliases."""
+    first: Dict[object, str] = {}
     tensors, aliases = {}, {}
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"state entry {name!r} is a {type(t).__name__}, not a tensor")
-        if id(t) in first:
-            aliases[name] = first[id(t)]
+        key = tie_key(t)
+        if key in first:
+            aliases[name] = first[key]
         else:
-            first[id(t)] = name
+            first[key] = name
             tensors[name] = t
     return tensors, aliases
 
@@ -407,16 +426,17 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     pg = pg_of(state.values())
     if rank != 0 and (pg is None or pg.tp_rank_list()[0] != 0):
         return {}  # only the tensor-parallel group holding rank 0 gathers
-    done: Dict[int, torch.Tensor] = {}
+    done: Dict[object, torch.Tensor] = {}
     out = {}
     with torch.no_grad():
         for name, t in state.items():
-            if id(t) not in done:
+            key = tie_key(t)
+            if key not in done:
                 if isinstance(t, ShardedTensor):
                     full = redistribute_local(t._local.detach(), t._spec, REPLICA, t._gshape,
                                               t._pg, "full_state_dict")
                 else:
                     full = t.detach()
-                done[id(t)] = full
-            out[name] = done[id(t)]
+                done[key] = full
+            out[name] = done[key]
     return out if rank == 0 else {}

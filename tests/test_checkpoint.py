@@ -85,6 +85,48 @@ def test_save_tp2_load_tp1_tp4_tp2xdp2(tmp_path):
         assert ckpt.sha256_file(os.path.join(again, f)) == index["files"][f]["sha256"]
 
 
+# --- a state dict, not the model: tied names are found by their memory --------------------------
+
+def _save_state_dicts(rank, d):
+    model = _model("gpt2", 2)
+    st.save(model.state_dict(), d + "/sd")    # a fresh detached tensor per name: ties by memory
+    st.save(model, d + "/model")
+
+
+def _load_tied(rank, paths):
+    out = {}
+    for path in paths:
+        for tp in (1, 2, 4):
+            model = _model("gpt2", tp, 4 // tp, seed=9)   # other weights, overwritten by the load
+            st.load(model, path)
+            assert model.lm_head.weight is model.transformer.wte.weight, (path, tp)
+            logits = model(**inputs_for("gpt2")).logits
+            out[(path, tp)] = _full(logits, None)
+    return out
+
+
+def test_save_state_dict_keeps_ties_and_loads_at_any_degree(tmp_path):
+    d = str(tmp_path)
+    run(2, _save_state_dicts, d)
+    serial = build("gpt2")
+    st.save(serial.state_dict(), d + "/serial")          # never parallelized, one process
+    for name, files in (("sd", ["tp00000-of-00002.safetensors", "tp00001-of-00002.safetensors"]),
+                        ("serial", ["tp00000-of-00001.safetensors"])):
+        assert sorted(os.listdir(tmp_path / name)) == ["index.json"] + files
+        index = json.loads((tmp_path / name / "index.json").read_text())
+        assert index["aliases"] == {"lm_head.weight": "transformer.wte.weight"}, name
+        assert "lm_head.weight" not in index["tensors"]                     # written once
+    # exactly the checkpoint st.save(model) writes
+    for f in ("index.json", "tp00000-of-00002.safetensors", "tp00001-of-00002.safetensors"):
+        assert (tmp_path / "sd" / f).read_bytes() == (tmp_path / "model" / f).read_bytes(), f
+
+    ref = serial(**inputs_for("gpt2")).logits.detach()
+    loaded = run(4, _load_tied, [d + "/sd", d + "/serial"])[0]
+    assert len(loaded) == 6
+    for key, logits in loaded.items():
+        assert torch.allclose(logits, ref, rtol=1e-5, atol=1e-5), key
+
+
 # --- optimizer state: resume at another degree continues the serial run -------------------------
 
 def _loss(out):

@@ -1,6 +1,10 @@
 """load_pretrained: a serial HuggingFace `save_pretrained` directory loads straight into a model
 built on the meta device and parallelized, each rank reading and materialising only its shards;
-the model then computes what the serial model computes."""
+the model then computes what the serial model computes. And back: a parallelized model's
+`save_pretrained` names the recipe (a full state dict gathered to rank 0), whose directory loads
+serially."""
+import re
+
 import pytest
 import torch
 
@@ -92,3 +96,40 @@ def test_load_pretrained_memory_is_a_quarter_at_tp4(tmp_path):
         assert local < (size - replicated) / 4 + replicated + 1e4
         assert read <= 2 * local                 # only its own byte ranges
         assert peak < 0.45 * size, (peak, size)  # never the whole model in memory
+
+
+# --- save_pretrained: a parallelized model's shards have no memory holding the global tensor -----
+
+def _save_pretrained(rank, arch, plain, directory):
+    model = build(arch)
+    model.eval()
+    st.parallelize(model, st.ProcessGroup(tp_degree=2))
+    recipe = "state_dict=shardtensor.full_state_dict(model)"
+    # HF reads the state dict through tensor storage: a clear error naming the recipe, also
+    # where the gather fallback would otherwise hand HF a temporary gathered copy's memory
+    for fallback in (None, "gather"):
+        st.config.fallback = fallback
+        try:
+            with pytest.raises(st.UnsupportedOpError, match=re.escape(recipe)):
+                model.save_pretrained(plain, is_main_process=rank == 0)
+        finally:
+            st.config.fallback = None
+    model.save_pretrained(directory, state_dict=st.full_state_dict(model),
+                          is_main_process=rank == 0)
+    return _full(model(**inputs_for(arch)).logits)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_save_pretrained_names_the_recipe_and_the_recipe_loads_serially(tmp_path, arch):
+    import transformers as tf
+    directory = tmp_path / "hf"
+    logits = run(2, _save_pretrained, arch, str(tmp_path / "plain"), str(directory))[0]
+    assert not (tmp_path / "plain" / "model.safetensors").exists()
+    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM}[arch]
+    serial = cls.from_pretrained(directory, attn_implementation="sdpa")
+    serial.eval()
+    if arch == "gpt2":
+        assert serial.lm_head.weight is serial.transformer.wte.weight
+    expect = build(arch)
+    assert all(torch.equal(serial.state_dict()[k], v) for k, v in expect.state_dict().items())
+    assert torch.allclose(serial(**inputs_for(arch)).logits, logits, rtol=1e-5, atol=1e-5)
