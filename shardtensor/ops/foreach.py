@@ -6,6 +6,8 @@ serially. Any other row (mixed layouts, a partial value meeting a non-linear op)
 the single-tensor elementwise rule of the same op. `_foreach_norm` of a sharded tensor is a
 global reduction: one all-reduce of the local sums of |x|^p for all sharded tensors together
 (an all-gather of local maxima for the inf-norms); it returns replicated 0-dim results.
+The fused optimizer kernels (`torch._fused_adam_`, ...: `fused=True`) run once on the local
+shards when every row shares its parameter's layout, and refuse anything else.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import math
 
 import torch
 
+from .. import trace as _trace
 from ..collectives import all_reduce_, gather_from_region, reduce_from_region
 from ._util import REPLICA, ST, ShardingError, shard_spec, materialize, rule, wrap
 
@@ -256,3 +259,121 @@ def amp_unscale(func, args, kwargs):
     func([g._local if type(g) is ST else g for g in grads], found_inf, inv_scale)
     for pg in groups.values():
         all_reduce_(found_inf, pg, func, "backward", reduce_op="max")
+
+
+# --- fused optimizer kernels ----------------------------------------------------------------------
+
+def _fused_kernels():
+    """torch's fused optimizer steps (`torch._fused_adam_`, `_fused_adamw_`, `_fused_sgd_`,
+    `_fused_adagrad_`, and any other this torch has), told apart from other `_fused_*` ops by
+    their schema: in place, the params list then the grads list. -> {function: argument names}"""
+    out = {}
+    for name in dir(torch):
+        if not (name.startswith("_fused_") and name.endswith("_")):
+            continue
+        try:
+            names = tuple(a.name for a in getattr(torch.ops.aten, name).default._schema.arguments)
+        except (AttributeError, RuntimeError):
+            continue
+        if names[:2] == ("self", "grads"):
+            out[getattr(torch, name)] = names
+    return out
+
+
+_FUSED = _fused_kernels()
+
+
+def _layout(t) -> str:
+    if t.__class__ is ST:
+        return f"{t._spec!r} of global shape {tuple(t._gshape)}"
+    return f"a plain tensor of shape {tuple(t.shape)}"
+
+
+def _fused_row_error(func, row: int, pname: str, p, name: str, t, why: str):
+    return ShardingError(
+        f"{_trace.func_name(func)}: row {row} does not share one layout: {pname}[{row}] is "
+        f"{_layout(p)}, {name}[{row}] is {_layout(t)}; {why}")
+
+
+def _fused_list(func, name: str, ts, params, pname: str, back: list):
+    """The local tensors of one tensor list of a fused step, checked row by row against the
+    params: a ShardedTensor must have its parameter's layout (spec, global shape, group); a plain
+    tensor is a per-parameter scalar (the step count) beside a sharded parameter, or anything
+    beside a plain one (an all-plain row). Lists of another length go to torch unchecked.
+
+    The CPU kernels read every tensor as contiguous memory (a strided one gets a wrong update),
+    and a shard is often a strided slice of the full tensor (`from_global` on a non-leading
+    dim): such a tensor goes in as a contiguous copy, recorded in `back` to be copied back."""
+    if ts is params:
+        locs = [t._local if t.__class__ is ST else t for t in ts]
+        return _contiguous(locs, back)
+    check = len(ts) == len(params)
+    locs = []
+    put = locs.append
+    for r, t in enumerate(ts):
+        p = params[r] if check else None
+        if t.__class__ is ST:
+            if check and (p.__class__ is not ST or (t._spec is not p._spec and t._spec != p._spec)
+                          or t._gshape != p._gshape or (t._pg is not p._pg and t._pg != p._pg)):
+                raise _fused_row_error(func, r, pname, p, name, t,
+                                       "every list's row must be laid out like its parameter")
+            put(t._local)
+        else:
+            if p.__class__ is ST and t.dim():
+                raise _fused_row_error(func, r, pname, p, name, t,
+                                       "beside a ShardedTensor parameter a plain tensor can only "
+                                       "be a 0-dim per-parameter value (a step count)")
+            put(t)
+    return _contiguous(locs, back)
+
+
+def _contiguous(locs, back: list):
+    for r, t in enumerate(locs):
+        if not t.is_contiguous():
+            locs[r] = c = t.contiguous()
+            back.append((t, c))
+    return locs
+
+
+def _fused_scalar(func, name: str, v):
+    """A tensor argument that is not a list (lr, grad_scale, found_inf): one replicated value."""
+    if v.__class__ is not ST:
+        return v
+    if not v._spec.is_replicate:
+        raise ShardingError(f"{_trace.func_name(func)}: {name}= must be a replicated value, got "
+                            f"{v._spec!r}")
+    return v._local
+
+
+@rule(*_FUSED)
+def fused_step(func, args, kwargs):
+    """`optimizer.step()` with fused=True: one fused kernel on the local shards, no communication,
+    as serially. Every tensor list's rows must share the params' layout (their gradients and
+    states do: they are made from the parameters); a step count may be plain; other arguments
+    (hyper-parameters, lr/grad_scale/found_inf tensors) pass through. A partial parameter, or a
+    row laid out otherwise, is a ShardingError: a fused kernel cannot redistribute a row (the
+    foreach path, fused=False, does)."""
+    names = _FUSED[func]
+    params = args[0] if args else kwargs["self"]
+    pname = names[0]
+    for r, p in enumerate(params):
+        if p.__class__ is ST and p._spec.is_partial:
+            raise ShardingError(f"{_trace.func_name(func)}: row {r}: {pname}[{r}] is "
+                                f"{_layout(p)}; a fused optimizer step needs non-partial "
+                                f"parameters (reduce the value first)")
+    new, kw, back = list(args), dict(kwargs), []
+    for i, a in enumerate(args):
+        name = names[i] if i < len(names) else f"argument {i}"
+        if _is_list(a) and a and isinstance(a[0], Tensor):
+            new[i] = _fused_list(func, name, a, params, pname, back)
+        elif isinstance(a, Tensor):
+            new[i] = _fused_scalar(func, name, a)
+    for k, v in kwargs.items():
+        if _is_list(v) and v and isinstance(v[0], Tensor):
+            kw[k] = _fused_list(func, k, v, params, pname, back)
+        elif isinstance(v, Tensor):
+            kw[k] = _fused_scalar(func, k, v)
+    out = func(*new, **kw)
+    for t, c in back:   # the kernel updated contiguous copies of strided shards
+        t.copy_(c)
+    return out

@@ -36,6 +36,8 @@ def _bind(func, args, kwargs, names, defaults):
         out[name] = v
     for k, v in kwargs.items():
         k = _NUMPY_NAMES.get(k, k)   # torch accepts numpy's axis= / keepdims= too
+        if k == "out" and v is None:  # torch.norm forwards its default out=None
+            continue
         if k not in out:
             raise UnsupportedOpError(f"{getattr(func, '__name__', func)}: argument {k}= is not "
                                      f"supported with sharded inputs")

@@ -159,6 +159,8 @@ def reshape(func, args, kwargs):
 def view_as(func, args, kwargs):
     x, other = args[0], args[1] if len(args) > 1 else kwargs["other"]
     shape = other._gshape if type(other) is ST else other.shape
+    if type(x) is not ST:   # plain.view_as(sharded): a replicated value stays plain
+        return x.view(shape) if func is T.view_as else x.reshape(shape)
     return reshape_to(x, shape, func, view=func is T.view_as)
 
 
@@ -374,8 +376,11 @@ def expand(func, args, kwargs):
 
 @rule(T.expand_as)
 def expand_as(func, args, kwargs):
-    other = args[1] if len(args) > 1 else kwargs["other"]
-    return _expand(args[0], tuple(other._gshape if type(other) is ST else other.shape), func)
+    x, other = args[0], args[1] if len(args) > 1 else kwargs["other"]
+    shape = tuple(other._gshape if type(other) is ST else other.shape)
+    if type(x) is not ST:   # plain.expand_as(sharded): a replicated value stays plain
+        return x.expand(shape)
+    return _expand(x, shape, func)
 
 
 @rule(T.repeat)

@@ -1,6 +1,7 @@
 """Reduction rules (ops/reduction.py) against serial torch, forward and input gradients, over
 random dims of random layouts; local over non-sharded dims, the promised collectives over the
 sharded dim (sum/mean: none, a partial value; softmax: two all-reduces)."""
+import copy
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as hs
 
 import shardtensor as st
+from shardtensor.models_testing import build, inputs_for, weight_error
 from shardtensor.testing import run
 from strategies import WORLDS, shapes, specs
 from test_view import Op as ViewOp, check_op
@@ -29,6 +31,7 @@ class Op(ViewOp):
     _argmin = staticmethod(lambda x, *a, **k: torch.argmin(x, *a, **k))
     _vector_norm = staticmethod(lambda x, *a, **k: torch.linalg.vector_norm(x, *a, **k))
     _norm = staticmethod(lambda x, *a, **k: x.norm(*a, **k))
+    _torch_norm = staticmethod(lambda x, *a, **k: torch.norm(x, *a, **k))
     _logsumexp = staticmethod(lambda x, *a, **k: torch.logsumexp(x, *a, **k))
     _var = staticmethod(lambda x, *a, **k: x.var(*a, **k))
     _std = staticmethod(lambda x, *a, **k: torch.std(x, *a, **k))
@@ -169,3 +172,79 @@ def _clip_norm(rank):
 
 def test_clip_grad_norm_total_norm_is_global():
     assert run(2, _clip_norm)[0] == 1
+
+
+# --- torch.norm (torch.functional.norm forwards out=None) and Adafactor, which calls it ---------
+
+@hs.composite
+def torch_norm_ops(draw, shape):
+    nd = len(shape)
+    p = draw(hs.sampled_from([None, "fro", 2, 1, math.inf, 3]))
+    dims = hs.lists(hs.integers(-nd, nd - 1), min_size=1, max_size=min(nd, 2),
+                    unique_by=lambda d: d % nd).map(tuple)   # 'fro' takes at most two dims
+    dim = draw(hs.one_of(hs.none(), hs.integers(-nd, nd - 1), dims))
+    keepdim = draw(hs.booleans())
+    if draw(hs.booleans()):
+        return Op("torch_norm", p=p, dim=dim, keepdim=keepdim)
+    return Op("torch_norm", p, dim, keepdim)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@given(data=hs.data())
+def test_torch_norm_matches_serial(world, data):
+    shape = data.draw(shapes(max_dims=3, max_side=6))
+    spec = data.draw(specs(shape, world))
+    op = data.draw(torch_norm_ops(shape))
+    out_specs, kinds = run(world, check_op, shape, spec, op, data.draw(hs.integers(0, 2**16)))[0]
+    nspec = spec.normalize(shape)
+    dim = op.k["dim"] if op.k else op.a[1]
+    dims = set(range(len(shape))) if dim is None else {
+        d % len(shape) for d in ((dim,) if isinstance(dim, int) else dim)}
+    if nspec.is_replicate or (nspec.is_shard and nspec.dim not in dims):
+        assert kinds == [], (op, kinds)           # local: no collective, forward or backward
+    if world > 1 and (nspec.is_partial or (nspec.is_shard and nspec.dim in dims)):
+        # one reduction (the inf-norm's max also routes its gradient with one more)
+        p = op.k["p"] if op.k else op.a[0]
+        want = 2 if p == math.inf and nspec.is_shard else 1
+        assert kinds == ["all_reduce"] * want, (op, kinds)
+
+
+def _norm_out(rank):
+    pg = st.ProcessGroup()
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    t = st.ShardedTensor.from_global(x, pg, st.ShardSpec(1, pg.tp_world_size()))
+    got = [torch.norm(t).full(), torch.norm(t, out=None, dtype=torch.float64).full()]
+    with pytest.raises(st.UnsupportedOpError, match="out="):
+        torch.norm(t, out=torch.empty(()))
+    return got
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_torch_norm_accepts_out_none_refuses_out_tensor(world):
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    for got, want in zip(run(world, _norm_out)[0], [x.norm(), x.norm(dtype=torch.float64)]):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+
+
+def _adafactor(rank, foreach, steps=3):
+    pg = st.ProcessGroup()
+    serial = build("gpt2", "sdpa")
+    model = st.parallelize(copy.deepcopy(serial), pg)
+    opts = [torch.optim.Adafactor(m.parameters(), lr=1e-2, foreach=foreach)
+            for m in (serial, model)]
+    for step in range(steps):
+        batch = inputs_for("gpt2", seed=step)
+        for m, opt in zip((serial, model), opts):
+            opt.zero_grad()
+            m(**batch).loss.backward()
+            opt.step()
+    return weight_error(model, serial), weight_error(model, build("gpt2", "sdpa"))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adafactor_on_gpt2_matches_serial(world, foreach):
+    for err, moved in run(world, _adafactor, foreach):
+        assert err < 1e-4, err
+        assert moved > 1e-3                       # the steps did update the weights

@@ -284,3 +284,74 @@ def _flat_strided(rank):
 
 def test_flatten_of_last_dim_shard_is_a_strided_shard():
     assert run(2, _flat_strided)[0] == (st.ShardSpec(0, 2, stride=6), 0)
+
+
+# --- a plain tensor viewed as a sharded one: the serial meaning, a plain result -----------------
+
+_AS = {"view_as": lambda x, o: x.view_as(o), "reshape_as": lambda x, o: x.reshape_as(o),
+       "reshape_as kw": lambda x, o: torch.Tensor.reshape_as(x, other=o),
+       "expand_as": lambda x, o: x.expand_as(o)}
+
+
+def _plain_as(rank, kind, shape, oshape, spec, seed):
+    """`plain.<kind>(sharded)` is `plain.view/reshape/expand(sharded.shape)`: a plain tensor
+    (a replicated value stays plain), its gradient the serial one, nothing communicated."""
+    pg = st.ProcessGroup()
+    torch.manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    other = st.ShardedTensor.from_global(torch.randn(oshape, dtype=torch.float64), pg, spec)
+    with st.CommTrace() as trace:
+        out = _AS[kind](x, other)
+        w = torch.randn(oshape, dtype=torch.float64)
+        (out * w).sum().backward()
+    assert type(out) is torch.Tensor, type(out)
+    return out.detach(), x.grad, w, len(trace.events)
+
+
+@hs.composite
+def as_cases(draw, world):
+    kind = draw(hs.sampled_from(sorted(_AS)))
+    shape = draw(shapes(max_dims=3, max_side=6))
+    if kind == "expand_as":      # `shape` broadcast to a target with size-1 dims grown
+        lead = draw(hs.lists(hs.integers(1, 3), max_size=1))
+        oshape = tuple(lead) + tuple(draw(hs.integers(1, 3)) if v == 1 else v for v in shape)
+    else:
+        oshape = tuple(v for v in draw(reshape_targets(shape)))
+        oshape = tuple(math.prod(shape) // -math.prod(oshape) if v == -1 else v for v in oshape)
+    return kind, shape, oshape, draw(specs(oshape, world))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@given(data=hs.data())
+def test_plain_view_as_sharded_is_plain_serial_view(world, data):
+    kind, shape, oshape, spec = data.draw(as_cases(world))
+    seed = data.draw(hs.integers(0, 2**16))
+    torch.manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    ref = _AS[kind](x, torch.empty(oshape))
+    for out, grad, w, n_events in run(world, _plain_as, kind, shape, oshape, spec, seed):
+        assert n_events == 0
+        assert out.shape == ref.shape == oshape
+        torch.testing.assert_close(out, ref.detach(), rtol=0, atol=0)
+        (ref * w).sum().backward()
+        torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-12)
+        x.grad = None
+
+
+def _vector_to_parameters(rank):
+    """torch.nn.utils.vector_to_parameters views slices of a plain vector as the (sharded)
+    parameters, then stops at `param.data = plain` with a ShardingError that says why."""
+    pg = st.ProcessGroup()
+    lin = torch.nn.Linear(6, 8).double()
+    st.split_row(lin.weight, pg)
+    vec = torch.arange(8 * 6 + 8, dtype=torch.float64)
+    with pytest.raises(st.ShardingError) as err:
+        torch.nn.utils.vector_to_parameters(vec, lin.parameters())
+    return str(err.value)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_vector_to_parameters_stops_with_a_clear_error(world):
+    for msg in run(world, _vector_to_parameters):
+        assert "setting .data of a ShardedTensor with ShardSpec(dim=0" in msg, msg
+        assert "shape (8, 6) needs a ShardedTensor of the same layout" in msg, msg
