@@ -301,13 +301,29 @@ def _gather_sizes(n: int, pg: ProcessGroup):
     return [int(x) for x in out]
 
 
-def _specs_of(args, kwargs):
+class _More:
+    """`... (n more)` in an error message's list of layouts."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __repr__(self) -> str:
+        return f"... ({self.n} more)"
+
+
+def _specs_of(args, kwargs, shown: int = 4):
+    """The layouts of the arguments, for error messages; of a list (an optimizer's parameters)
+    the first `shown` only."""
     out = []
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, ShardedTensor):
             out.append(a._spec)
         elif isinstance(a, (list, tuple)) and any(isinstance(x, ShardedTensor) for x in a):
-            out.append(type(a)(x._spec if isinstance(x, ShardedTensor) else type(x).__name__ for x in a))
+            items = [x._spec if isinstance(x, ShardedTensor) else type(x).__name__
+                     for x in a[:shown]]
+            if len(a) > shown:
+                items.append(_More(len(a) - shown))
+            out.append(type(a)(items))
     return tuple(out)
 
 

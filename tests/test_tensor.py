@@ -195,3 +195,21 @@ def test_wrap_on_a_torch_without_positional_wrapper_arguments(monkeypatch):
     assert calls and calls[-1] == ["device", "dtype", "requires_grad"]
     assert type(t) is st.ShardedTensor and t.shape == (3, 4) and t.dtype == torch.float64
     assert t.requires_grad and t.to_local() is local and t.spec == st.ShardSpec(1, 2)
+
+
+def _long_list_error(rank):
+    pg = st.ProcessGroup()
+    ts = [st.ShardedTensor.from_global(torch.randn(3), pg, st.ShardSpec(0, pg.tp_world_size()))
+          for _ in range(50)]
+    st.config.fallback = None
+    from shardtensor.tensor import _no_rule
+    try:
+        _no_rule(torch.broadcast_tensors, (ts,), {})   # any op with a list argument and no rule
+    except st.UnsupportedOpError as e:
+        return str(e)
+
+
+def test_error_for_a_long_list_shows_a_few_layouts():
+    """An optimizer kernel's lists (hundreds of parameters) once gave a many-KB message."""
+    msg = run(2, _long_list_error)[0]
+    assert "... (46 more)" in msg and msg.count("ShardSpec") == 4 and len(msg) < 600
