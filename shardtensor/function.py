@@ -160,7 +160,16 @@ def _bridge(cls, out, call, locals_in, args):
     return outs[0] if single else tuple(outs)
 
 
+def _torch_plumbing(cls) -> bool:
+    """torch's own Functions, which torch's code expects to find as they are (the non-reentrant
+    checkpoint's `_NoopSaveInputs` looks up its node's methods), except reentrant checkpoint's
+    `CheckpointFunction`, whose gradients must reach the shards."""
+    return cls.__module__.startswith("torch.") and cls.__name__ != "CheckpointFunction"
+
+
 def _apply(cls, *args, **kwargs):
+    if _torch_plumbing(cls):
+        return _ORIG_APPLY(cls, *args, **kwargs)
     for a in args:
         if type(a) is ST:
             if torch.compiler.is_compiling():

@@ -168,11 +168,14 @@ class ProcessGroup:
 def init_distributed(backend: Optional[str] = None, tp_degree: Optional[int] = None) -> ProcessGroup:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT) unless already initialised, and return a ProcessGroup with tp = world size (or
-    `tp_degree`, the rest data parallel). Backend: gloo on CPU, nccl when CUDA is available."""
+    `tp_degree`, the rest data parallel). Backend: nccl when CUDA is available with a GPU for
+    every process of this node (LOCAL_WORLD_SIZE), else gloo."""
     if not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
         env = os.environ
+        if backend is None:
+            local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+            backend = "nccl" if torch.cuda.is_available() and \
+                torch.cuda.device_count() >= local else "gloo"
         if "RANK" not in env or "WORLD_SIZE" not in env:
             env.setdefault("MASTER_ADDR", "127.0.0.1")
             env.setdefault("MASTER_PORT", "29500")

@@ -296,11 +296,11 @@ def gather(func, args, kwargs):
 @rule(torch.scatter, T.scatter)
 def scatter(func, args, kwargs):
     """Out-of-place scatter of replicated values (top-p's mask back to vocabulary order): local.
-    A sharded operand raises."""
+    A sharded destination: as `scatter_` on a copy (ops/scatter.py)."""
     got = _all_replicated(func, args, kwargs)
-    if got is None:
-        raise UnsupportedOpError(f"{_name(func)} with sharded inputs is not supported; inputs "
-                                 f"{tuple(a._spec for a in args if type(a) is ST)}")
+    if got is None:   # a sharded destination (repetition penalty on vocab-sharded scores)
+        from .scatter import scatter_inplace
+        return scatter_inplace(func, args, kwargs)
     pg, a, kw = got
     return _wrap_out(func(*a, **kw), pg)
 

@@ -26,6 +26,8 @@ _SCATTER = {T.scatter_: (T.scatter_,), T.scatter_add_: (T.scatter_add_,),
 _OUT_OF_PLACE = {torch.scatter_add: T.scatter_add_, T.scatter_add: T.scatter_add_,
                  torch.index_add: T.index_add_, T.index_add: T.index_add_,
                  torch.index_fill: T.index_fill_, T.index_fill: T.index_fill_}
+# out-of-place scatter: its rule (ops/inference.py) hands sharded destinations here
+_SCATTER_COPY = {torch.scatter: T.scatter_, T.scatter: T.scatter_}
 _NAMES = {T.scatter_: ("dim", "index", "src"), T.scatter_add_: ("dim", "index", "src"),
           T.index_add_: ("dim", "index", "source"), T.index_fill_: ("dim", "index", "value")}
 
@@ -39,7 +41,7 @@ def scatter_inplace(func, args, kwargs):
     """x.scatter_(dim, index, src|value), x.scatter_add_, x.index_add_(dim, index, source,
     alpha=), x.index_fill_(dim, index, value) and their out-of-place forms, x sharded or
     replicated, the index replicated."""
-    op = _OUT_OF_PLACE.get(func, func)
+    op = _OUT_OF_PLACE.get(func) or _SCATTER_COPY.get(func, func)
     names = _NAMES[op]
     b = dict(zip(names, args[1:]))
     rest = {k: v for k, v in kwargs.items() if k not in names}

@@ -14,7 +14,7 @@ from strategies import WORLDS, shapes, specs
 from ops.test_elementwise import make
 
 T = torch.Tensor
-OPS = ["scatter_ value", "scatter_ src", "scatter_add_", "scatter_add", "index_add_",
+OPS = ["scatter_ value", "scatter_ src", "scatter", "scatter_add_", "scatter_add", "index_add_",
        "index_add", "index_fill_"]
 
 
@@ -36,6 +36,8 @@ def _apply(name, x, dim, perm, index, src):
         return x.scatter_(dim, perm, -2.5)
     if name == "scatter_ src":
         return x.scatter_(dim, perm, src)
+    if name == "scatter":   # transformers <= 5.17's repetition penalty on vocab-sharded scores
+        return x.scatter(dim, perm, src)
     if name == "scatter_add_":
         return x.scatter_add_(dim, perm, src)
     if name == "scatter_add":
