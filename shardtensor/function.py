@@ -71,6 +71,11 @@ class _Bridge(_Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "shardtensor: a second-order gradient (backward/autograd.grad with "
+                "create_graph=True) through a custom autograd.Function called on ShardedTensors "
+                "is not supported; its bridge to the shards is first order")
         call = ctx.call
         outs, gouts = [], []
         for o, g in zip(call.outs, grads):
@@ -112,28 +117,32 @@ def _sharded_apply(cls, args, kwargs):
     grad = torch.is_grad_enabled()
     call = _Call()
     call.inputs, locals_in = [], []   # the layouts (not the tensors) of inputs needing grad
-    token = None
-    new = list(args)
-    for i, a in enumerate(args):
+    token = []
+
+    def enter(a):
+        """The Function's view of argument `a` (see the module doc)."""
         if not isinstance(a, torch.Tensor):
-            continue
+            return a
         if type(a) is ST:
             if not (grad and a._local.requires_grad):
-                new[i] = wrap(a._local.detach(), a._spec, a._pg, a._gshape, a._compute_spec)
-                continue
+                return wrap(a._local.detach(), a._spec, a._pg, a._gshape, a._compute_spec)
         elif not (grad and a.requires_grad):
-            continue
-        if token is None:
-            token = torch.zeros((), requires_grad=True)
+            return a
+        if not token:
+            token.append(torch.zeros((), requires_grad=True))
         # `a` itself may carry another call's wrapper-level history: keep the graphs apart
-        new[i] = _ORIG_APPLY(_Capture, token, call, len(call.inputs),
-                             a._local if type(a) is ST else a.detach(), (a,))
+        c = _ORIG_APPLY(_Capture, token[0], call, len(call.inputs),
+                        a._local if type(a) is ST else a.detach(), (a,))
         call.inputs.append((a._spec, a._pg) if type(a) is ST else None)
         locals_in.append(a._local if type(a) is ST else a)
-    out = _ORIG_APPLY(cls, *new, **kwargs)
+        return c
+
+    new = [enter(a) for a in args]
+    kw = {k: enter(v) for k, v in kwargs.items()}
+    out = _ORIG_APPLY(cls, *new, **kw)
     if not call.inputs:
         return out
-    return _bridge(cls, out, call, locals_in, new)
+    return _bridge(cls, out, call, locals_in, new + list(kw.values()))
 
 
 def _bridge(cls, out, call, locals_in, args):
@@ -170,7 +179,7 @@ def _torch_plumbing(cls) -> bool:
 def _apply(cls, *args, **kwargs):
     if _torch_plumbing(cls):
         return _ORIG_APPLY(cls, *args, **kwargs)
-    for a in args:
+    for a in (args + tuple(kwargs.values()) if kwargs else args):
         if type(a) is ST:
             if torch.compiler.is_compiling():
                 break

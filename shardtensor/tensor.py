@@ -26,6 +26,7 @@ _get_rule = RULES.get
 _CURRENT_OP = _trace.current_op
 _EXPLAIN = _trace.EXPLAIN
 _DisableTF = torch._C.DisableTorchFunctionSubclass
+_ATEN_DETACH = torch.ops.aten.detach.default
 
 
 class ShardedTensor(torch.Tensor):
@@ -227,6 +228,9 @@ class ShardedTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is _ATEN_DETACH:   # autograd saving a custom Function's output (C++)
+            x = args[0]
+            return wrap(x._local.detach(), x._spec, x._pg, x._gshape, x._compute_spec)
         raise RuntimeError(f"shardtensor: the aten op {func} reached ShardedTensor's "
                            f"__torch_dispatch__; some torch function bypassed the sharding "
                            f"rules. Please report this with the code that ran.")
