@@ -19,6 +19,7 @@ import weakref
 
 import torch
 
+from .ops._util import to_layout
 from .spec import REPLICA
 from .tensor import ShardedTensor, wrap
 
@@ -100,11 +101,8 @@ def _shard_of(g, layout):
     if g is None or layout is None:
         return g.full() if type(g) is ST else g
     spec, pg = layout
-    spec = REPLICA if spec.is_partial else spec   # a summand's gradient: the sum's
-    if type(g) is ST:
-        return g._local if g._spec == spec else g.redistribute(spec)._local
-    from .spec import take_shard   # a plain (replicated) gradient: this rank's part
-    return take_shard(g, spec, pg.tp_local_rank()) if spec.is_shard else g
+    # a summand's gradient is the sum's (replicated); a plain gradient is a replicated value
+    return to_layout(g, REPLICA if spec.is_partial else spec, pg)
 
 
 class _Call:
@@ -169,11 +167,18 @@ def _bridge(cls, out, call, locals_in, args):
     return outs[0] if single else tuple(outs)
 
 
+_PLUMBING: dict = {}
+
+
 def _torch_plumbing(cls) -> bool:
     """torch's own Functions, which torch's code expects to find as they are (the non-reentrant
     checkpoint's `_NoopSaveInputs` looks up its node's methods), except reentrant checkpoint's
-    `CheckpointFunction`, whose gradients must reach the shards."""
-    return cls.__module__.startswith("torch.") and cls.__name__ != "CheckpointFunction"
+    `CheckpointFunction`, whose gradients must reach the shards. Decided once per class."""
+    v = _PLUMBING.get(cls)
+    if v is None:
+        v = _PLUMBING[cls] = (cls.__module__.startswith("torch.")
+                              and cls.__name__ != "CheckpointFunction")
+    return v
 
 
 def _apply(cls, *args, **kwargs):
@@ -204,3 +209,10 @@ def install() -> None:
     (done on `import shardtensor`; idempotent)."""
     if _Function.__dict__["apply"].__func__ is not _apply:
         _Function.apply = classmethod(_apply)
+    # shardtensor's own Functions (the collectives' f/g pairs, the bridge) only ever see shards:
+    # they keep torch's apply, so the rules' hot path pays nothing for the bridge
+    from . import collectives
+    own = [c for c in vars(collectives).values()
+           if isinstance(c, type) and issubclass(c, _Function)] + [_Capture, _Bridge]
+    for c in own:
+        c.apply = classmethod(_ORIG_APPLY)

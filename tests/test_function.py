@@ -56,6 +56,14 @@ def _full(x):
     return x.full() if isinstance(x, st.ShardedTensor) else x
 
 
+def _megatron_mlp(pg, out_features):
+    """Linear(8, 16) column parallel then Linear(16, out) row parallel, and serial copies."""
+    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, out_features)
+    ref1, ref2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
+    st.split_row(fc1.weight, pg), st.split_row(fc1.bias, pg), st.split_col(fc2.weight, pg)
+    return fc1, fc2, ref1, ref2
+
+
 def _muladd(rank, shape, xspec, yspec, y_grad, seed):
     pg = st.ProcessGroup()
     torch.manual_seed(seed)
@@ -191,9 +199,7 @@ def _mlp_checkpoint(rank, reentrant):
     recomputation. The backward re-runs the forward (its all-reduce included)."""
     pg = st.ProcessGroup()
     torch.manual_seed(0)
-    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
-    ref1, ref2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
-    st.split_row(fc1.weight, pg), st.split_row(fc1.bias, pg), st.split_col(fc2.weight, pg)
+    fc1, fc2, ref1, ref2 = _megatron_mlp(pg, 8)
     x = torch.randn(4, 8, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
 
@@ -240,9 +246,7 @@ class GeluFn(torch.autograd.Function):
 def _mlp_function(rank):
     pg = st.ProcessGroup()
     torch.manual_seed(0)
-    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
-    ref1, ref2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
-    st.split_row(fc1.weight, pg), st.split_row(fc1.bias, pg), st.split_col(fc2.weight, pg)
+    fc1, fc2, ref1, ref2 = _megatron_mlp(pg, 8)
     x = torch.randn(4, 8)
     with st.CommTrace() as tr:
         out = fc2(GeluFn.apply(fc1(x)))
@@ -268,9 +272,7 @@ def _penalty(rank):
     """A gradient penalty (WGAN-GP style): autograd.grad(create_graph=True) then backward."""
     pg = st.ProcessGroup()
     torch.manual_seed(0)
-    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 1)
-    ref1, ref2 = copy.deepcopy(fc1), copy.deepcopy(fc2)
-    st.split_row(fc1.weight, pg), st.split_row(fc1.bias, pg), st.split_col(fc2.weight, pg)
+    fc1, fc2, ref1, ref2 = _megatron_mlp(pg, 1)
     x = torch.randn(4, 8, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
     try:

@@ -10,6 +10,8 @@ denominator, computed from the (replicated) targets. Replicated logits run seria
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
@@ -17,8 +19,8 @@ from torch.nn import _reduction as _Reduction
 from .. import trace as _trace
 from ..collectives import all_reduce_, reduce_from_region
 from ..spec import take_shard
-from ._util import (PARTIAL, REPLICA, shard_spec, ST, group_of, local_index, materialize, rule,
-                    spec_of, to_layout, wrap)
+from ._util import (PARTIAL, REPLICA, shard_spec, ST, group_of, local_index, materialize, remember,
+                    rule, spec_of, to_layout, wrap)
 
 _CE = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction",
        "label_smoothing")
@@ -215,10 +217,7 @@ def pointwise_loss(func, args, kwargs):
     BCE with logits, ... on vocab-sharded logits): the per-element loss is computed on the
     shards in the input's layout (`reduction='none'`), then summed or averaged by the reduction
     rules (one all-reduce). Weights are broadcast to the input's shape and sliced alike."""
-    import inspect
-    sig = _SIGNATURES.get(func)
-    if sig is None:
-        sig = _SIGNATURES[func] = inspect.signature(func)
+    sig = _SIGNATURES.get(func) or remember(_SIGNATURES, func, inspect.signature(func))
     a = sig.bind(*args, **kwargs)
     a.apply_defaults()
     a = dict(a.arguments)

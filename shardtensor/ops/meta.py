@@ -148,31 +148,29 @@ def _refresh_wrapper(x) -> None:
         same = x.dtype == loc.dtype and x.device == loc.device
     if same:
         return
-    fresh = wrap(loc, x._spec, x._pg, x._gshape)
-    fresh.__dict__.update({k: v for k, v in x.__dict__.items()
-                           if k not in ("_grad_wrapper", "_col", "_f")})
+    fresh = wrap(loc, x._spec, x._pg, x._gshape, x._compute_spec)
+    fresh.__dict__.update({k: v for k, v in x.__dict__.items() if k not in _NOT_COPIED})
     torch.utils.swap_tensors(x, fresh)
 
 
 @rule(T.backward)
 def backward(func, args, kwargs):
     """`loss.backward()` runs autograd on the shards: no Python dispatch in the backward pass."""
-    self = args[0]
-    gradient = args[1] if len(args) > 1 else kwargs.get("gradient")
-    rest = dict(kwargs)
-    rest.pop("gradient", None)
-    names = ("retain_graph", "create_graph", "inputs")
-    for name, v in zip(names, args[2:]):
-        rest[name] = v
-    if "inputs" in rest and rest["inputs"] is not None:
-        inp = rest["inputs"]
-        rest["inputs"] = [unwrap(i) for i in (inp if isinstance(inp, (list, tuple)) else [inp])]
-    torch.autograd.backward(unwrap(self), None if gradient is None else _grad_local(self, gradient),
-                            **rest)
+    rest = dict(zip(("gradient", "retain_graph", "create_graph", "inputs"), args[1:]), **kwargs)
+    _backward_on_shards([args[0]], [rest.pop("gradient", None)], rest)
 
 
 def _seq(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _backward_on_shards(tensors, grads, rest) -> None:
+    """torch.autograd.backward over the shards of `tensors` (their gradients and `inputs=`
+    moved to the shards too)."""
+    if rest.get("inputs") is not None:
+        rest["inputs"] = [unwrap(i) for i in _seq(rest["inputs"])]
+    grads = [None if g is None else _grad_local(t, g) for t, g in zip(tensors, grads)]
+    torch.autograd.backward([unwrap(t) for t in tensors], grads, **rest)
 
 
 @rule(torch.autograd.backward)
@@ -188,11 +186,7 @@ def autograd_backward(func, args, kwargs):
         grads = a.pop("grad_variables", None)
     a.pop("grad_variables", None)
     grads = [None] * len(tensors) if grads is None else _seq(grads)
-    if a.get("inputs") is not None:
-        a["inputs"] = [unwrap(i) for i in _seq(a["inputs"])]
-    torch.autograd.backward([unwrap(t) for t in tensors],
-                            [None if g is None else _grad_local(t, g) for t, g in zip(tensors, grads)],
-                            **a)
+    _backward_on_shards(tensors, grads, a)
 
 
 @rule(torch.autograd.grad)

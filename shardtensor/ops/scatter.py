@@ -20,9 +20,8 @@ from ._util import REPLICA, ST, group_of, local_index, materialize, rule, to_lay
 
 T = torch.Tensor
 
-# (in-place form, out-of-place forms): argument names after self
-_SCATTER = {T.scatter_: (T.scatter_,), T.scatter_add_: (T.scatter_add_,),
-            T.index_add_: (T.index_add_,), T.index_fill_: (T.index_fill_,)}
+# the in-place ops; their out-of-place forms map to them
+_SCATTER = (T.scatter_, T.scatter_add_, T.index_add_, T.index_fill_)
 _OUT_OF_PLACE = {torch.scatter_add: T.scatter_add_, T.scatter_add: T.scatter_add_,
                  torch.index_add: T.index_add_, T.index_add: T.index_add_,
                  torch.index_fill: T.index_fill_, T.index_fill: T.index_fill_}
@@ -30,10 +29,6 @@ _OUT_OF_PLACE = {torch.scatter_add: T.scatter_add_, T.scatter_add: T.scatter_add
 _SCATTER_COPY = {torch.scatter: T.scatter_, T.scatter: T.scatter_}
 _NAMES = {T.scatter_: ("dim", "index", "src"), T.scatter_add_: ("dim", "index", "src"),
           T.index_add_: ("dim", "index", "source"), T.index_fill_: ("dim", "index", "value")}
-
-
-def _name(func):
-    return _trace.func_name(func)
 
 
 @rule(*_SCATTER, *_OUT_OF_PLACE)
@@ -51,8 +46,8 @@ def scatter_inplace(func, args, kwargs):
     x, dim, idx, src = args[0], b["dim"], b["index"], b[names[2]]
     pg = group_of(func, x, idx, src)
     if type(idx) is ST and idx._spec.is_shard:
-        raise UnsupportedOpError(f"{_name(func)} with a sharded index ({idx._spec!r}) is not "
-                                 f"supported; the index must be replicated")
+        raise UnsupportedOpError(f"{_trace.func_name(func)} with a sharded index ({idx._spec!r}) "
+                                 f"is not supported; the index must be replicated")
     il = to_layout(idx, REPLICA, pg, func) if type(idx) is ST else idx
     if type(x) is not ST:   # a plain destination: replicated values, computed locally
         out = x if op is func else x.clone()
@@ -77,8 +72,8 @@ def scatter_inplace(func, args, kwargs):
             if tuple(il.shape)[spec.dim] != g[spec.dim] or (
                     tensor_src and tuple(src.shape)[spec.dim] != g[spec.dim]):
                 raise UnsupportedOpError(
-                    f"{_name(func)}: an index of shape {tuple(il.shape)} covering part of the "
-                    f"sharded dim {spec.dim} of {tuple(g)} is not supported")
+                    f"{_trace.func_name(func)}: an index of shape {tuple(il.shape)} covering "
+                    f"part of the sharded dim {spec.dim} of {tuple(g)} is not supported")
             il = to_layout(il, spec, pg, func)
         if tensor_src:
             src = to_layout(src, spec, pg, func)

@@ -16,12 +16,17 @@ def _v(x):
     return (x.full() if isinstance(x, st.ShardedTensor) else x).detach()
 
 
-def _convert(rank, how, swap):
-    pg = st.ProcessGroup()
-    serial = build("gpt2", "eager")
+def _pair(pg, attn):
+    """A small GPT-2, a parallelized copy of it, and a batch."""
+    serial = build("gpt2", attn)
     model = copy.deepcopy(serial)
     st.parallelize(model, pg)
-    batch = inputs_for("gpt2")
+    return serial, model, inputs_for("gpt2")
+
+
+def _convert(rank, how, swap):
+    pg = st.ProcessGroup()
+    serial, model, batch = _pair(pg, "eager")
     for m in (serial, model):
         m(**batch).loss.backward()
     params = list(model.parameters())
@@ -77,10 +82,7 @@ def test_model_conversion_with_swap_on_conversion():
 
 def _scaler(rank, steps, inject):
     pg = st.ProcessGroup()
-    serial = build("gpt2", "sdpa")
-    model = copy.deepcopy(serial)
-    st.parallelize(model, pg)
-    batch = inputs_for("gpt2")
+    serial, model, batch = _pair(pg, "sdpa")
     log = []
     for m in (serial, model):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
