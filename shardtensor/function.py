@@ -12,6 +12,11 @@ node (`_Bridge`) then stands for it in the shards' graph. Its backward hands the
 gradients (as ShardedTensors) to the Function's node through the engine and returns the input
 gradients' shards. The Function's own backward runs on ShardedTensors, through the rules, like
 its forward. Calls without a ShardedTensor argument go straight to torch's `apply`.
+
+The bridge saves the shards of what the Function saved, so autograd's own checks hold as in
+serial: an in-place change to a saved input or output after the call, and a second backward
+without `retain_graph`, fail with torch's errors. In-place Functions (`ctx.mark_dirty`) on
+ShardedTensors are refused with a clear error.
 """
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ _ORIG_APPLY = _Function.__dict__["apply"].__func__
 _DisableTF = torch._C.DisableTorchFunctionSubclass
 _run_backward = torch.autograd.graph._engine_run_backward
 _requires_grad = torch._C.TensorBase.requires_grad.__get__
+_grad_fn = torch._C.TensorBase.grad_fn.__get__
+# whether the backward running now keeps its graph (retain_graph); torch < 2.6 cannot say
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
 
 
 def _c_requires_grad(t) -> bool:
@@ -49,8 +57,8 @@ class _Capture(_Function):
         ctx.call, ctx.k = weakref.ref(call), k   # weak: the bridge's ctx owns the call
         x = boxed[0]   # boxed: not an input of this node (its own history stays out)
         if type(x) is ST:
-            return wrap(local.detach(), x._spec, x._pg, x._gshape, x._compute_spec)
-        return local.detach()
+            return wrap(local, x._spec, x._pg, x._gshape, x._compute_spec)
+        return local.view_as(local)
 
     @staticmethod
     def backward(ctx, g):
@@ -68,7 +76,13 @@ class _Bridge(_Function):
         ctx.call = call
         # aliases: the call keeps the Function's outputs (the engine's roots) but not these,
         # whose history is this node (no reference cycle through the call)
-        return tuple(x.detach() for x in call.out_locals)
+        outs = tuple(x.detach() for x in call.out_locals)
+        # the shards of what the Function saved: autograd checks their versions here (the
+        # wrapper-level saved tensors never see an in-place change made through the rules), and
+        # a second backward without retain_graph fails here as in serial
+        ctx.save_for_backward(*call.saved_in, *[outs[j] for j in call.saved_out])
+        call.saved_in = call.saved_out = None
+        return outs
 
     @staticmethod
     def backward(ctx, *grads):
@@ -77,6 +91,7 @@ class _Bridge(_Function):
                 "shardtensor: a second-order gradient (backward/autograd.grad with "
                 "create_graph=True) through a custom autograd.Function called on ShardedTensors "
                 "is not supported; its bridge to the shards is first order")
+        ctx.saved_tensors   # noqa: B018 (the checks above)
         call = ctx.call
         outs, gouts = [], []
         for o, g in zip(call.outs, grads):
@@ -89,7 +104,7 @@ class _Bridge(_Function):
         call.got = [None] * len(call.inputs)
         if outs:
             # no `inputs=`: reentrant checkpoint refuses a backward that names them
-            _run_backward(tuple(outs), tuple(gouts), True, False, (), True, True)
+            _run_backward(tuple(outs), tuple(gouts), _keep_graph(), False, (), True, True)
         got, call.got = call.got, None
         res = tuple(_shard_of(g, a) for g, a in zip(got, call.inputs))
         return (None,) + (res or (None,))
@@ -106,7 +121,7 @@ def _shard_of(g, layout):
 
 
 class _Call:
-    __slots__ = ("inputs", "got", "outs", "out_locals", "__weakref__")
+    __slots__ = ("inputs", "got", "outs", "out_locals", "saved_in", "saved_out", "__weakref__")
 
 
 def _sharded_apply(cls, args, kwargs):
@@ -123,28 +138,34 @@ def _sharded_apply(cls, args, kwargs):
             return a
         if type(a) is ST:
             if not (grad and a._local.requires_grad):
-                return wrap(a._local.detach(), a._spec, a._pg, a._gshape, a._compute_spec)
+                v = wrap(a._local.detach(), a._spec, a._pg, a._gshape, a._compute_spec)
+                views.append((v, a._local))
+                return v
         elif not (grad and a.requires_grad):
             return a
         if not token:
             token.append(torch.zeros((), requires_grad=True))
-        # `a` itself may carry another call's wrapper-level history: keep the graphs apart
+        # detached: `a` may carry another call's wrapper-level history, and its shard the
+        # outer graph, which a backward through this node must not reach (it would free it)
         c = _ORIG_APPLY(_Capture, token[0], call, len(call.inputs),
-                        a._local if type(a) is ST else a.detach(), (a,))
+                        (a._local if type(a) is ST else a).detach(), (a,))
         call.inputs.append((a._spec, a._pg) if type(a) is ST else None)
         locals_in.append(a._local if type(a) is ST else a)
+        views.append((c, locals_in[-1]))
         return c
 
+    views = []   # (what the Function sees, the tensor an in-place change reaches)
     new = [enter(a) for a in args]
     kw = {k: enter(v) for k, v in kwargs.items()}
     out = _ORIG_APPLY(cls, *new, **kw)
     if not call.inputs:
         return out
-    return _bridge(cls, out, call, locals_in, new + list(kw.values()))
+    return _bridge(cls, out, call, locals_in, new + list(kw.values()), views)
 
 
-def _bridge(cls, out, call, locals_in, args):
-    """Give the Function's differentiable outputs the bridge's history (see the module doc)."""
+def _bridge(cls, out, call, locals_in, args, views=()):
+    """Give the Function's differentiable outputs the bridge's history (see the module doc);
+    `views` pairs the tensors the Function was handed with those in-place changes reach."""
     single = not isinstance(out, tuple)
     outs = [out] if single else list(out)
     diff = [j for j, o in enumerate(outs) if isinstance(o, torch.Tensor) and _c_requires_grad(o)]
@@ -157,6 +178,7 @@ def _bridge(cls, out, call, locals_in, args):
                 f"tensor (e.g. x.clone()) from a custom Function's forward")
     call.outs = [outs[j] for j in diff]
     call.out_locals = [o._local if type(o) is ST else o.detach() for o in call.outs]
+    _find_saved(call, outs[diff[0]], views)
     if not locals_in:   # the outputs' history reaches the inputs' own graphs directly
         locals_in = [torch.zeros((), requires_grad=True)]
     locs = _Bridge.apply(call, *locals_in)
@@ -165,6 +187,26 @@ def _bridge(cls, out, call, locals_in, args):
         # the caller gets new tensors (the same storage) whose history is the bridge
         outs[j] = wrap(loc, o._spec, o._pg, o._gshape, o._compute_spec) if type(o) is ST else loc
     return outs[0] if single else tuple(outs)
+
+
+def _find_saved(call, out, views) -> None:
+    """Which inputs (by the tensor in-place changes reach) and outputs the Function saved."""
+    call.saved_in, call.saved_out = [], []
+    with _DisableTF():
+        node = _grad_fn(out)
+    saved = getattr(node, "saved_tensors", ())
+    for s in saved:
+        if s is None:
+            continue
+        hit = next((loc for v, loc in views if s is v), None)
+        if hit is not None:
+            call.saved_in.append(hit)
+            continue
+        sl = s._local if type(s) is ST else s
+        for j, o in enumerate(call.out_locals):
+            if sl.data_ptr() == o.data_ptr() and sl.shape == o.shape:
+                call.saved_out.append(j)
+                break
 
 
 _PLUMBING: dict = {}
@@ -203,12 +245,30 @@ def _apply(cls, *args, **kwargs):
 
 _apply.__doc__ = _ORIG_APPLY.__doc__
 
+_FunctionCtx = torch.autograd.function.FunctionCtx
+_ORIG_MARK_DIRTY = _FunctionCtx.mark_dirty
+
+
+def _mark_dirty(self, *args):
+    for a in args:
+        if type(a) is ST:
+            raise NotImplementedError(
+                f"shardtensor: {type(self).__name__[:-len('Backward')] or 'a custom Function'}: "
+                f"ctx.mark_dirty on a ShardedTensor (an in-place custom autograd.Function) is "
+                f"not supported; return a new tensor from forward instead (the input's shard "
+                f"may already have been changed by the forward's in-place op)")
+    return _ORIG_MARK_DIRTY(self, *args)
+
+
+_mark_dirty.__doc__ = _ORIG_MARK_DIRTY.__doc__
+
 
 def install() -> None:
     """Route `torch.autograd.Function.apply` calls that get a ShardedTensor through the bridge
     (done on `import shardtensor`; idempotent)."""
     if _Function.__dict__["apply"].__func__ is not _apply:
         _Function.apply = classmethod(_apply)
+        _FunctionCtx.mark_dirty = _mark_dirty
     # shardtensor's own Functions (the collectives' f/g pairs, the bridge) only ever see shards:
     # they keep torch's apply, so the rules' hot path pays nothing for the bridge
     from . import collectives
