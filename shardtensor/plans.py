@@ -9,13 +9,18 @@ Which is which: an `nn.Linear` weight is (out, in), so Megatron's ColumnParallel
 weight is (in, out), so there it is the other way round. An embedding table sharded over the
 vocabulary is "row".
 
-Built-in plans are functions `(config, tp_degree) -> plan`, chosen by `config.model_type`;
-`register_plan(model_type, plan_or_function)` adds one for your architecture. Plans name
+Built-in plans are functions `(config, tp_degree) -> plan`, chosen by `config.model_type`, or for
+a model without a config by its class name, else by the qualified name (`module.Class`) of its
+class or a base class: torch's nn.Transformer family is registered so, which a class of yours
+that happens to be called `Transformer` does not match. `register_plan(model_type,
+plan_or_function)` adds one for your architecture. Plans name
 layouts, never collectives: the rules infer the communication.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, Union
+
+from torch import nn
 
 __all__ = ["register_plan", "get_plan", "PLANS"]
 
@@ -33,6 +38,9 @@ def get_plan(model, tp_degree: int) -> Plan:
     config = getattr(model, "config", None)
     key = getattr(config, "model_type", None) or type(model).__name__
     plan = PLANS.get(key) or PLANS.get(type(model).__name__)
+    if plan is None and config is None:
+        plan = next((PLANS[q] for q in (f"{c.__module__}.{c.__qualname__}"
+                                        for c in type(model).__mro__) if q in PLANS), None)
     if plan is None:
         raise KeyError(f"no built-in tensor-parallel plan for {key!r} (known: {sorted(PLANS)}); "
                        f"pass plan={{glob: 'row' | 'col' | 'replicate' | ShardSpec}} or "
@@ -114,6 +122,28 @@ def llama_plan(config, tp: int) -> Plan:
         "*": "replicate",
     }
 
+
+def torch_transformer_plan(config, tp: int) -> Plan:
+    """torch.nn's MultiheadAttention, TransformerEncoder/DecoderLayer, TransformerEncoder/Decoder
+    and Transformer (also as the prefix of a larger plan: the globs match at any depth). The
+    heads must divide by tp (F.multi_head_attention_forward says so otherwise); then replicate
+    "*in_proj_*" and "*[qkv]_proj_weight" instead."""
+    return {
+        "*in_proj_weight": ("row", {"stride": 3}),      # (3E, E) fused q|k|v: column parallel
+        "*in_proj_bias": ("row", {"stride": 3}),
+        "*[qkv]_proj_weight": "row",                    # kdim/vdim != embed_dim: separate q, k, v
+        "*bias_[kv]": "col",                            # add_bias_kv's (1, 1, E): over the heads
+        "*out_proj.weight": "col",                      # row parallel
+        "*linear1.weight": "row",
+        "*linear1.bias": "row",
+        "*linear2.weight": "col",
+        "*": "replicate",                               # norms, row-parallel biases
+    }
+
+
+for _cls in (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+             nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer):
+    register_plan(f"{_cls.__module__}.{_cls.__qualname__}", torch_transformer_plan)
 
 for _name, _plan in (("gpt2", gpt2_plan), ("opt", opt_plan), ("bert", bert_plan),
                      ("t5", t5_plan), ("llama", llama_plan), ("mistral", llama_plan),
