@@ -164,8 +164,9 @@ def _sharded_topk(x, local, k: int, d: int, largest: bool, func):
     if lk < k:   # pad: a candidate that never wins (the index sorts after every real one)
         pad = list(lv.shape)
         pad[d] = k - lk
-        lv = torch.cat([lv, torch.full(pad, _fill(lv.dtype, largest), dtype=lv.dtype,
-                                       device=lv.device) + 0 * lv.sum()], d)
+        # (not `fill + 0 * lv.sum()`: scores holding -inf, a top-k after another filter, made
+        # that pad NaN, which sorts above every value and took the top places)
+        lv = torch.cat([lv, lv.new_full(pad, _fill(lv.dtype, largest))], d)
         gi = torch.cat([gi, torch.full(pad, torch.iinfo(torch.long).max, dtype=torch.long,
                                        device=gi.device)], d)
     world = pg.tp_world_size()

@@ -15,8 +15,8 @@ import torch
 from ..collectives import copy_to_region
 from ..dispatch import UnsupportedOpError
 from ..spec import shard_ranges
-from ._util import (PARTIAL, REPLICA, ST, ShardSpec, group_of, rule, shard_spec, spec_of,
-                    to_layout, wrap)
+from ._util import (PARTIAL, REPLICA, ST, ShardSpec, group_of, local_index, rule, shard_spec,
+                    spec_of, to_layout, wrap)
 
 T = torch.Tensor
 
@@ -193,7 +193,9 @@ _SENTINEL = 1000003   # a size no other dim has: marks where the sharded dim lan
 
 
 def _plain_index(idx, func):
-    """The index as a tuple, with sharded index tensors gathered and bool masks as long indices."""
+    """The index as a tuple, with sharded index tensors gathered, bool masks as long indices
+    and 0-d integer tensors as ints (torch reads them as ints too: speculative sampling's
+    `p[:, n_matches, :]`)."""
     if not isinstance(idx, tuple):
         idx = (idx,)
     out = []
@@ -205,6 +207,8 @@ def _plain_index(idx, func):
         if isinstance(it, torch.Tensor) and it.dtype == torch.bool:
             out.extend(it.nonzero(as_tuple=True))
             continue
+        if isinstance(it, torch.Tensor) and it.dim() == 0 and not it.is_floating_point():
+            it = int(it)
         out.append(it)
     return tuple(out)
 
@@ -331,9 +335,13 @@ def getitem(func, args, kwargs):
         if out is not None:
             return out
     x, idx = args[0], _plain_index(args[1], func)
-    if type(x) is not ST:
-        raise UnsupportedOpError("indexing a plain tensor with a sharded index tensor is not "
-                                 "supported; gather the index first (.full())")
+    if type(x) is not ST:   # a plain tensor picked by ShardedTensor indices: a replicated value
+        out = x[idx]
+        items = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return wrap(out, REPLICA, group_of(func, *items), out.shape)
+    out = _basic_getitem(x, idx)
+    if out is not None:     # index tensors that were 0-d ints
+        return out
     spec, pg = x._spec, x._pg
     if not spec.is_shard:
         out = x._local[idx]
@@ -347,13 +355,40 @@ def getitem(func, args, kwargs):
             sel = _owner_slice(x, spec.dim, i)
             out = sel[idx[:p] + (0,) + idx[p + 1:]]
             return wrap(out, PARTIAL, pg, out.shape)
-        out = to_layout(x, REPLICA, pg, func)[idx]   # index tensor / step on the sharded dim
+        if isinstance(idx[p], torch.Tensor) and x._local.is_floating_point():
+            return _pick_partial(x, idx, p)
+        out = to_layout(x, REPLICA, pg, func)[idx]   # a step on the sharded dim
         return wrap(out, REPLICA, pg, out.shape)
     local_idx, ospec, oshape = plan
     if local_idx is False:                # a slice across shard boundaries: gather, re-shard
         out = to_layout(x, REPLICA, pg, func)[idx]
         return wrap(to_layout(out, ospec, pg, func), ospec, pg, oshape)
     return wrap(x._local[local_idx], ospec, pg, oshape)
+
+
+def _with_scratch(x, it):
+    """(x's shard with one scratch slot appended along the sharded dim, the index tensor `it`
+    on the sharded dim as local positions: the entries this rank does not hold go to the slot)."""
+    g, d = x._gshape, x._spec.dim
+    it = torch.as_tensor(it)
+    it = torch.where(it < 0, it + g[d], it)
+    if it.numel() and bool(((it < 0) | (it >= g[d])).any()):
+        raise IndexError(f"index out of range for dim {d} of size {g[d]}")
+    lid, mask = local_index(it, g[d], x._spec, x._pg.tp_local_rank())
+    loc = x._local
+    lid = torch.where(mask, lid, torch.full_like(lid, loc.shape[d]))
+    pad = list(loc.shape)
+    pad[d] = 1
+    return torch.cat([loc, loc.new_zeros(pad)], d), lid
+
+
+def _pick_partial(x, idx, p):
+    """x[idx] whose item `p` is an index tensor on the sharded dim (speculative sampling's
+    `q[:, arange(n), candidate_ids]` on vocab-sharded probabilities): each rank picks the entries
+    it holds and zeros for the others, a PartialSpec result; x is never gathered."""
+    work, lid = _with_scratch(x, idx[p])
+    out = work[idx[:p] + (lid,) + idx[p + 1:]]
+    return wrap(out, PARTIAL, x._pg, out.shape)
 
 
 @rule(T.__setitem__)
@@ -374,11 +409,26 @@ def setitem(func, args, kwargs):
         local_idx, ospec, oshape = plan
         x._local[local_idx] = _value_local(v, ospec, pg, func, oshape)
         return None
+    if plan is None:
+        p = _dim_items(idx, len(x._gshape)).index(spec.dim)
+        if isinstance(idx[p], (int, torch.Tensor)):   # `scores[:, eos_ids] = 0` (forced eos)
+            _put_local(x, idx, p, v, pg, func)
+            return None
     # the write crosses shard boundaries: write into the full value and keep this rank's part
     full = to_layout(x, REPLICA, pg, func).clone()
     full[idx] = _value_local(v, REPLICA, pg, func)
     x._local.copy_(to_layout(full, spec, pg, func))
     return None
+
+
+def _put_local(x, idx, p, v, pg, func):
+    """x[idx] = v where item `p` is an index (tensor or int) on the sharded dim: every rank
+    writes the whole (replicated) value at the entries it holds, the others into the scratch
+    slot, which is dropped (no gather of x)."""
+    work, lid = _with_scratch(x, idx[p])
+    work[idx[:p] + (lid,) + idx[p + 1:]] = \
+        to_layout(v, REPLICA, pg, func) if isinstance(v, torch.Tensor) else v
+    x._local.copy_(work.narrow(x._spec.dim, 0, x._local.shape[x._spec.dim]))
 
 
 def _value_local(v, spec, pg, func, oshape=None):
