@@ -1,6 +1,7 @@
 """Annotating serial code: turn a module's parameter into a sharded parameter, in place."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -93,23 +94,142 @@ def parallelize(model: nn.Module, pg: ProcessGroup, plan: Optional[dict] = None)
     """Shard `model`'s parameters in place by `plan` ({glob over parameter names: layout}; the
     first matching glob wins, unmatched parameters are replicated), or by the built-in plan for
     the model's architecture when `plan` is None. Returns the model; its code is unchanged.
-    Tied parameters (one Parameter under two names) are converted once and stay tied."""
+    Tied parameters (one Parameter under two names) are converted once and stay tied.
+
+    A model wrapped by `peft.get_peft_model` (before or after an earlier `parallelize`) is
+    sharded like the bare model: globs see its names without PEFT's `base_model.model.` and
+    `.base_layer`, and each LoRA adapter takes Megatron-LoRA's layout from its base layer
+    (column-parallel base: lora_B split like the output; row-parallel: lora_A split like the
+    input; the other replicated). Already sharded parameters are left as they are.
+    `model.load_state_dict(sd, assign=True)` afterwards keeps the sharded parameters sharded."""
     import fnmatch
     from .plans import get_plan
+    inner, prefix = _peft_inner(model)
     if plan is None:
-        plan = get_plan(model, pg.tp_world_size())
+        plan = get_plan(inner, pg.tp_world_size())
+    tuners = _tuner_layers(model)
+    adapters = {id(q): (layer, which) for layer in tuners.values()
+                for which in ("lora_A", "lora_B") if isinstance(getattr(layer, which, None), nn.ModuleDict)
+                for q in getattr(layer, which).parameters()}
+    in_tuner = {id(q) for layer in tuners.values() for q in layer.parameters(recurse=True)}
+    base = {id(q) for layer in tuners.values() for q in layer.get_base_layer().parameters()}
     # decide every layout (and check it) before converting anything: bad input changes nothing
-    todo = []
+    todo, decided, later = [], {}, []
     for name, p in model.named_parameters():
         if isinstance(p, ShardedTensor):
             continue
-        action = next((a for glob, a in plan.items() if fnmatch.fnmatchcase(name, glob)), "replicate")
-        spec = _layout(action, pg, name)
+        if id(p) in adapters:
+            later.append((name, p))
+            continue
+        if id(p) in in_tuner and id(p) not in base:   # other adapter weights: replicated
+            action = "replicate"
+        else:
+            pname = _plan_name(name, prefix, tuners)
+            action = next((a for glob, a in plan.items() if fnmatch.fnmatchcase(pname, glob)),
+                          "replicate")
+        todo.append((name, p, _layout(action, pg, name)))
+        decided[id(p)] = todo[-1][2]
+    for name, p in later:
+        layer, which = adapters[id(p)]
+        todo.append((name, p, _lora_layout(layer, which, p, decided, pg)))
+    checked = []
+    for name, p, spec in todo:
         try:
-            spec = _check_spec(spec, p.shape, pg, "parallelize")
+            checked.append((p, _check_spec(spec, p.shape, pg, "parallelize")))
         except ValueError as e:
             raise ValueError(f"parallelize: parameter {name!r} of shape {tuple(p.shape)}: {e}") from e
-        todo.append((p, spec))
-    for p, spec in todo:
+    for p, spec in checked:
         shard_param(p, pg, spec)
+    _shard_on_assign(model)
     return model
+
+
+# --- models wrapped by PEFT ------------------------------------------------------------------
+
+def _peft_inner(model: nn.Module):
+    """(the model PEFT wraps, the prefix of its parameter names), or (model, "") unwrapped."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else None
+    if inner is None and hasattr(model, "peft_config") and isinstance(getattr(model, "model", None), nn.Module):
+        inner = model.model        # a LoraModel (peft_model.base_model)
+    if inner is None or inner is model:
+        return model, ""
+    path = next((n for n, m in model.named_modules() if m is inner), "")
+    return inner, path + "." if path else ""
+
+
+def _tuner_layers(model: nn.Module) -> dict:
+    """{name: module} of PEFT's adapter layers (they hold the original layer as `base_layer`)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(getattr(m, "base_layer", None), nn.Module)
+            and callable(getattr(m, "get_base_layer", None))}
+
+
+def _plan_name(name: str, prefix: str, tuners: dict) -> str:
+    """The bare model's name of a parameter: `.base_layer` of adapter layers and PEFT's prefix
+    left out."""
+    parts = name.split(".")
+    kept = [part for i, part in enumerate(parts)
+            if not (part == "base_layer" and ".".join(parts[:i]) in tuners)]
+    name = ".".join(kept)
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+
+def _lora_layout(layer: nn.Module, which: str, p, decided: dict, pg: ProcessGroup) -> Spec:
+    """Megatron-LoRA: lora_A (r, in) and lora_B (out, r) around a base weight split on its
+    output dim: B split the same way (its output is then the base output's shard, no
+    communication); split on its input dim: A split the same way (its output is then a partial
+    sum, reduced together with the base output). A base weight that is not split: replicated."""
+    w = getattr(layer.get_base_layer(), "weight", None)
+    spec = decided.get(id(w))
+    if spec is None and isinstance(w, ShardedTensor):
+        spec = w._spec
+    if w is None or spec is None or not spec.is_shard or w.dim() != 2:
+        return ReplicaSpec()
+    spec = spec.normalize(w.shape)
+    out_dim = 1 if getattr(layer, "fan_in_fan_out", False) else 0   # Conv1D is (in, out)
+    n = pg.tp_world_size()
+    if spec.dim == out_dim:
+        return ShardSpec(0, n, spec.stride) if which == "lora_B" else ReplicaSpec()
+    return ShardSpec(p.dim() - 1, n, spec.stride) if which == "lora_A" and p.dim() == 2 else ReplicaSpec()
+
+
+# --- load_state_dict(assign=True) --------------------------------------------------------------
+
+_ASSIGN_HOOKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _shard_on_assign(model: nn.Module) -> None:
+    """Give every module that owns a sharded parameter a load_state_dict pre-hook that, under
+    `assign=True`, cuts a full tensor from the state dict to this rank's shard in the
+    parameter's layout (torch would assign the full tensor: the model would silently stop
+    being tensor parallel)."""
+    for m in model.modules():
+        if m in _ASSIGN_HOOKED or not any(isinstance(q, ShardedTensor) for q in m._parameters.values()):
+            continue
+        reg = getattr(m, "register_load_state_dict_pre_hook", None)
+        if reg is not None:
+            reg(_assign_hook)
+        else:   # torch < 2.5
+            m._register_load_state_dict_pre_hook(_assign_hook, with_module=True)
+        _ASSIGN_HOOKED.add(m)
+
+
+def _assign_hook(module, state_dict, prefix, local_metadata, *rest) -> None:
+    if not local_metadata.get("assign_to_params_buffers", False):
+        return
+    for name, p in module._parameters.items():
+        v = state_dict.get(prefix + name)
+        if type(p) is not ShardedTensor or not isinstance(v, torch.Tensor) or v.shape != p.shape:
+            continue   # torch reports a missing key or a size mismatch itself
+        state_dict[prefix + name] = _as_layout_of(v, p)
+
+
+def _as_layout_of(v: torch.Tensor, p: ShardedTensor) -> ShardedTensor:
+    """`v` (a full tensor or a ShardedTensor) laid out like the parameter `p`; a shard of a full
+    tensor is copied, so the full tensor is not kept alive by the parameter."""
+    if type(v) is ShardedTensor:
+        return v if v._spec == p._spec else v.redistribute(p._spec)
+    with torch.no_grad():
+        v = v.detach()
+        local = take_shard(v, p._spec, p._pg.tp_local_rank()).clone() if p._spec.is_shard else v
+    return wrap(local, p._spec, p._pg, p._gshape, p._compute_spec)

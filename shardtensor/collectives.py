@@ -31,6 +31,7 @@ def _record(kind: str, t: torch.Tensor, pg, op, phase: str) -> None:
 
 # --- raw collectives (no autograd) -------------------------------------------------------------
 
+_CONTIGUOUS = torch.contiguous_format
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -41,6 +42,10 @@ def all_reduce_(x: torch.Tensor, pg, op=None, phase: str = "forward",
     if pg.tp_world_size() == 1:
         return x
     _record("all_reduce", x, pg, op, phase)
+    if not x.is_contiguous():   # the backends reduce memory, not elements: ranks whose summands
+        y = x.contiguous()      # have other strides (a permuted einsum output) must not mix
+        dist.all_reduce(y, op=_REDUCE_OPS[reduce_op], group=pg.tp_process_group())
+        return x.copy_(y)
     dist.all_reduce(x, op=_REDUCE_OPS[reduce_op], group=pg.tp_process_group())
     return x
 
@@ -148,7 +153,7 @@ class _CopyToRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         _first_order(g, "CopyToRegion")
-        return all_reduce_(g.clone(), ctx.pg, ctx.op, "backward"), None, None
+        return all_reduce_(g.clone(memory_format=_CONTIGUOUS), ctx.pg, ctx.op, "backward"), None, None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
@@ -156,7 +161,7 @@ class _ReduceFromRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pg, op, inplace):
-        return all_reduce_(x if inplace else x.clone(), pg, op, "forward")
+        return all_reduce_(x if inplace else x.clone(memory_format=_CONTIGUOUS), pg, op, "forward")
 
     @staticmethod
     def backward(ctx, g):

@@ -27,6 +27,7 @@ _CURRENT_OP = _trace.current_op
 _EXPLAIN = _trace.EXPLAIN
 _DisableTF = torch._C.DisableTorchFunctionSubclass
 _ATEN_DETACH = torch.ops.aten.detach.default
+_ATEN_SET = torch.ops.aten.set_.source_Tensor
 
 
 class ShardedTensor(torch.Tensor):
@@ -231,12 +232,35 @@ class ShardedTensor(torch.Tensor):
         if func is _ATEN_DETACH:   # autograd saving a custom Function's output (C++)
             x = args[0]
             return wrap(x._local.detach(), x._spec, x._pg, x._gshape, x._compute_spec)
+        if func is _ATEN_SET:      # Tensor.set_ has no __torch_function__ entry (parametrize)
+            return _set(*args, **(kwargs or _EMPTY))
         raise RuntimeError(f"shardtensor: the aten op {func} reached ShardedTensor's "
                            f"__torch_dispatch__; some torch function bypassed the sharding "
                            f"rules. Please report this with the code that ran.")
 
 
 _REPLICA = ReplicaSpec()
+
+
+def _set(dst, src):
+    """`dst.set_(src)` (torch's parametrizations keep the parameter object this way): the shard
+    of a ShardedTensor with the same layout and global shape, or `dst` itself, is taken over; any
+    other source would change what the wrapper presents, so it is refused."""
+    if src is dst:
+        return dst
+    if type(dst) is not ShardedTensor:
+        raise ShardingError(f"Tensor.set_ of a plain tensor from a ShardedTensor with "
+                            f"{src._spec!r}: use src.full() or src.to_local() as the source")
+    if (type(src) is ShardedTensor and src._spec == dst._spec and src._gshape == dst._gshape
+            and src._pg == dst._pg):
+        dst._local.set_(src._local)
+        return dst
+    what = (f"a ShardedTensor with {src._spec!r} and shape {tuple(src._gshape)}"
+            if type(src) is ShardedTensor else f"a plain tensor of shape {tuple(src.shape)}")
+    raise ShardingError(f"Tensor.set_ on a ShardedTensor with {dst._spec!r} and shape "
+                        f"{tuple(dst._gshape)}: the source is {what}; set_ can only take a "
+                        f"source with the same layout and shape (redistribute it first, or use "
+                        f"copy_ / torch.utils.swap_tensors)")
 
 
 def _wrap_factory():

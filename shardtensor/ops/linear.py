@@ -375,12 +375,14 @@ def mv(func, args, kwargs):
                      lambda x, y, _: torch.mv(x, y))
 
 
-@rule(torch.dot, T.dot)
+@rule(torch.dot, T.dot, torch.vdot, T.vdot)
 def dot(func, args, kwargs):
     _no_out(func, kwargs)
-    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "tensor")
+    op = torch.vdot if func in (torch.vdot, T.vdot) else torch.dot   # vdot: conj(a) . b
+    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other" if op is torch.vdot
+                                                 else "tensor")
     return _contract(func, a, b, ("k",), ("k",), (), torch.Size(()),
-                     lambda x, y, _: torch.dot(x, y))
+                     lambda x, y, _: op(x, y))
 
 
 # --- matmul / @ ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from ._util import REPLICA, ST, ShardingError, rule, unwrap, wrap
+from ._util import REPLICA, ST, ShardingError, rule, to_layout, unwrap, wrap
 
 _DisableTF = torch._C.DisableTorchFunctionSubclass
 T = torch.Tensor
@@ -269,6 +269,25 @@ def deepcopy(func, args, kwargs):
             out.__dict__[k] = copy.deepcopy(v, memo)
     memo[id(x)] = out
     return out
+
+
+if hasattr(T, "module_load"):
+    @rule(T.module_load)
+    def module_load(func, args, kwargs):
+        """load_state_dict under torch.__future__.set_swap_module_params_on_conversion(True):
+        what replaces the parameter. assign=True: the state dict's tensor laid out like the
+        parameter (a full tensor's shard copied, so the full tensor is not kept alive);
+        otherwise, as torch's default, the parameter's copy of it."""
+        x, other = args[0], args[1]
+        assign = args[2] if len(args) > 2 else kwargs.get("assign", False)
+        if not assign:
+            return x.copy_(other).detach()
+        if type(x) is not ST:
+            return other.detach()
+        local = to_layout(other.detach(), x._spec, x._pg, func)
+        if type(other) is not ST and x._spec.is_shard:
+            local = local.clone()
+        return wrap(local, x._spec, x._pg, x._gshape, x._compute_spec)
 
 
 @rule(T.__repr__, T.__str__, T.__format__)

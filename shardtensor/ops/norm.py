@@ -1,4 +1,5 @@
-"""Normalisation: F.layer_norm and F.rms_norm.
+"""Normalisation: F.layer_norm and F.rms_norm; weight normalisation's norm_except_dim and
+_weight_norm.
 
 Normalised dims not sharded (the input sharded on batch or sequence): the local op, with the
 weight and bias replicated (their gradients summed over the ranks). Normalised dims sharded
@@ -93,3 +94,42 @@ if hasattr(F, "rms_norm"):
         ms = allreduce_for_shards((h * h).sum(dims, keepdim=True), pg, func) / math.prod(shape)
         y = (h * torch.rsqrt(ms + eps)).to(local.dtype)
         return wrap(y if wl is None else y * wl, xs, pg, g)
+
+
+# --- weight normalisation (torch.nn.utils.parametrizations.weight_norm, nn.utils.weight_norm) ---
+
+@rule(torch.norm_except_dim)
+def norm_except_dim(func, args, kwargs):
+    """The norm of every slice along `dim` (dim=-1: of the whole tensor), written with the norm
+    rule: a sharded dim among those reduced costs one all-reduce, a sharded `dim` none."""
+    b = dict(zip(("v", "pow", "dim"), args))
+    b.update(kwargs)
+    x, p, dim = b["v"], b.get("pow", 2), b.get("dim", 0)
+    if dim == -1:
+        return torch.linalg.vector_norm(x, p)
+    nd = x.dim()
+    dims = tuple(i for i in range(nd) if i != dim % nd)
+    return torch.linalg.vector_norm(x, p, dims, keepdim=True) if dims else x.abs()
+
+
+@rule(torch._weight_norm)
+def weight_norm(func, args, kwargs):
+    """w = v * (g / ||v||) per slice along `dim`, as torch's unfused _weight_norm computes it,
+    through the elementwise and norm rules (g in v's layout, or replicated)."""
+    b = dict(zip(("v", "g", "dim"), args))
+    b.update(kwargs)
+    v = b["v"]
+    return v * (b["g"] / torch.norm_except_dim(v, 2, b.get("dim", 0)))
+
+
+@rule(F.normalize)
+def normalize(func, args, kwargs):
+    """x / max(||x||_p along dim, eps), as F.normalize computes it, through the norm and
+    elementwise rules (a sharded `dim` costs one all-reduce); `out=` is written with copy_."""
+    b = dict(zip(("input", "p", "dim", "eps", "out"), args))
+    b.update(kwargs)
+    x = b["input"]
+    denom = torch.linalg.vector_norm(x, b.get("p", 2.0), b.get("dim", 1), keepdim=True)
+    y = x / denom.clamp_min(b.get("eps", 1e-12))
+    out = b.get("out")
+    return y if out is None else out.copy_(y)

@@ -323,6 +323,23 @@ def norm(func, args, kwargs):
     return _vector_norm(x, p, _dims(b["dim"], len(x._gshape)), b["keepdim"], b["dtype"], func)
 
 
+@rule(torch.linalg.norm)
+def linalg_norm(func, args, kwargs):
+    """torch.linalg.norm where it is a vector norm (an int dim, a 1-D input, ord None) or the
+    Frobenius norm (the 2-norm over both dims); other matrix norms have no rule."""
+    x = args[0]
+    b = _bind(func, args, kwargs, ("ord", "dim", "keepdim"),
+              {"ord": None, "dim": None, "keepdim": False, "dtype": None})
+    ord, dim, nd = b["ord"], b["dim"], len(x._gshape)
+    vector = isinstance(dim, int) or (isinstance(dim, (tuple, list)) and len(dim) == 1) or (
+        dim is None and (ord is None or nd == 1))
+    if not vector and ord not in (None, "fro"):
+        raise UnsupportedOpError(f"torch.linalg.norm(ord={ord!r}) (a matrix norm) has no sharding "
+                                 f"rule; the vector norms and ord='fro' have")
+    return _vector_norm(x, 2 if ord in (None, "fro") else ord, _dims(dim, nd), b["keepdim"],
+                        b["dtype"], func)
+
+
 @rule(torch.logsumexp, T.logsumexp)
 def logsumexp(func, args, kwargs):
     x = args[0]
