@@ -2,7 +2,8 @@
 from .spec import ComputePattern, ComputeSpec, PartialSpec, ReplicaSpec, ShardSpec
 from .groups import ProcessGroup, Topology, init_distributed
 from .trace import CommEvent, CommTrace
-from .dispatch import ShardingError, UnsupportedOpError, config, rule
+from .dispatch import (ShardingError, UnsupportedOpError, UnsupportedOpInParametrizationError,
+                       config, rule)
 from .tensor import ShardedTensor
 from . import ops  # registers the rules
 from .function import install as _install_function
@@ -21,7 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ShardSpec", "ReplicaSpec", "PartialSpec", "ComputePattern", "ComputeSpec",
     "ProcessGroup", "Topology", "init_distributed",
-    "ShardedTensor", "CommTrace", "CommEvent", "UnsupportedOpError", "ShardingError", "config",
+    "ShardedTensor", "CommTrace", "CommEvent", "UnsupportedOpError", "ShardingError",
+    "UnsupportedOpInParametrizationError", "config",
     "rule", "parallelize", "register_plan", "split_row", "split_col", "replicate", "shard_param", "launch", "explain", "data_parallel",
     "save", "load", "full_state_dict", "load_pretrained", "CheckpointError",
 ]

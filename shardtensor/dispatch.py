@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-__all__ = ["rule", "RULES", "UnsupportedOpError", "ShardingError", "config", "has_rule"]
+__all__ = ["rule", "RULES", "UnsupportedOpError", "ShardingError", "config", "has_rule",
+           "UnsupportedOpInParametrizationError"]
 
 RULES: Dict[object, Callable] = {}
 
@@ -39,6 +40,31 @@ class UnsupportedOpError(NotImplementedError):
 
 class ShardingError(ValueError):
     """Inputs whose layouts, process groups or shapes cannot be combined as asked."""
+
+
+class UnsupportedOpInParametrizationError(RuntimeError):
+    """An UnsupportedOpError raised inside `torch.nn.utils.parametrize`'s registration, which
+    takes any NotImplementedError from a parametrization's `right_inverse` to mean "the
+    identity" and would silently register the wrong tensor: raised instead, as a RuntimeError."""
+
+
+def _swallowed_by_torch(e: UnsupportedOpError):
+    """`e` re-raised as an error torch's parametrize cannot mistake for "no right_inverse"
+    when it would reach one of its `except NotImplementedError`; None otherwise (the frames are
+    walked only on this error path)."""
+    import sys
+    f = sys._getframe(2)
+    while f is not None:
+        code = f.f_code
+        if code.co_filename.endswith("parametrize.py") and "torch" in code.co_filename and \
+                code.co_name in ("__init__", "register_parametrization"):
+            err = UnsupportedOpInParametrizationError(
+                f"{e} (raised inside torch.nn.utils.parametrize.register_parametrization, which "
+                f"would take this NotImplementedError from right_inverse to mean 'identity' and "
+                f"silently register the wrong tensor)")
+            return err
+        f = f.f_back
+    return None
 
 
 class _Config:

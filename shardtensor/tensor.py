@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from . import trace as _trace
 from .collectives import redistribute_local
-from .dispatch import RULES, UnsupportedOpError, ShardingError, config
+from .dispatch import RULES, UnsupportedOpError, ShardingError, config, _swallowed_by_torch
 from .groups import ProcessGroup
 from .spec import ComputeSpec, ReplicaSpec, Spec, local_shape, local_size
 
@@ -219,13 +219,19 @@ class ShardedTensor(torch.Tensor):
     # --- dispatch ----------------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        r = _get_rule(func)
-        if r is not None:
-            _CURRENT_OP[0] = func
-            if _EXPLAIN:
-                return _EXPLAIN[-1].call(r, func, args, kwargs or _EMPTY)
-            return r(func, args, kwargs or _EMPTY)
-        return _no_rule(func, args, kwargs or _EMPTY)
+        try:
+            r = _get_rule(func)
+            if r is not None:
+                _CURRENT_OP[0] = func
+                if _EXPLAIN:
+                    return _EXPLAIN[-1].call(r, func, args, kwargs or _EMPTY)
+                return r(func, args, kwargs or _EMPTY)
+            return _no_rule(func, args, kwargs or _EMPTY)
+        except UnsupportedOpError as e:   # (a try costs nothing until it catches)
+            err = _swallowed_by_torch(e)
+            if err is None:
+                raise
+            raise err from e
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):

@@ -405,6 +405,40 @@ def test_set_takes_a_same_layout_source_and_refuses_others():
     assert err and "set_" in err and "same layout" in err
 
 
+class _Orthonormal(nn.Module):
+    """right_inverse through an op with no sharding rule (a QR), forward supported."""
+
+    def forward(self, w):
+        return w * 1.0
+
+    def right_inverse(self, w):
+        return torch.linalg.qr(w)[0]
+
+
+def _right_inverse_unsupported(rank):
+    from torch.nn.utils import parametrize
+    pg = st.ProcessGroup()
+    lin = nn.Linear(4, 4, dtype=torch.float64)
+    st.split_row(lin.weight, pg)
+    before = _v(lin.weight).clone()
+    try:
+        parametrize.register_parametrization(lin, "weight", _Orthonormal())
+    except Exception as e:   # noqa: BLE001 (the test looks at the kind and the message)
+        return type(e).__name__, str(e), parametrize.is_parametrized(lin), \
+            bool((_v(lin.weight) == before).all())
+    return None, None, parametrize.is_parametrized(lin), None
+
+
+def test_unsupported_op_in_right_inverse_is_not_taken_for_identity():
+    """torch's register_parametrization catches NotImplementedError from right_inverse and
+    then takes it for the identity: an UnsupportedOpError (a NotImplementedError) there
+    silently registered the untransformed weight. It is re-raised as a RuntimeError."""
+    kind, msg, registered, unchanged = run(2, _right_inverse_unsupported)[0]
+    assert kind == "UnsupportedOpInParametrizationError", (kind, msg)
+    assert "linalg_qr" in msg.replace(".", "_") and "right_inverse" in msg
+    assert not registered and unchanged
+
+
 # --- 5. the HF fine-tuning recipe ---------------------------------------------------------------
 
 def _recipe(rank, arch):
