@@ -103,8 +103,12 @@ class _Bridge(_Function):
             gouts.append(g)
         call.got = [None] * len(call.inputs)
         if outs:
-            # no `inputs=`: reentrant checkpoint refuses a backward that names them
-            _run_backward(tuple(outs), tuple(gouts), _keep_graph(), False, (), True, True)
+            # no `inputs=`: reentrant checkpoint refuses a backward that names them. Without
+            # captured inputs (only plain tensors went in) the Function's node links to their
+            # history, which this backward walks and the outer one may walk again (a residual
+            # `h + checkpoint(block, h)`): that graph is kept for the outer backward
+            _run_backward(tuple(outs), tuple(gouts), _keep_graph() or not call.inputs, False,
+                          (), True, True)
         got, call.got = call.got, None
         res = tuple(_shard_of(g, a) for g, a in zip(got, call.inputs))
         return (None,) + (res or (None,))

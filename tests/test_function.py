@@ -226,6 +226,31 @@ def test_checkpointed_megatron_mlp(reentrant):
         assert [k for _, k in kinds] == ["all_reduce"] * (3 if reentrant else 2), kinds
 
 
+def _residual_checkpoint_plain_input(rank):
+    """`h + checkpoint(block, h)` with a plain, non-leaf `h` (no ShardedTensor goes into the
+    checkpoint, sharded parameters inside it): the bridge's backward walks `h`'s history
+    through the Function's node, and the outer backward walks it again by the residual. The
+    inner backward freed it first (RuntimeError: backward through the graph a second time)."""
+    pg = st.ProcessGroup()
+    torch.manual_seed(0)
+    fc1, fc2, ref1, ref2 = _megatron_mlp(pg, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+
+    def mlp(a, l1, l2):
+        return l2(torch.nn.functional.gelu(l1(a)))
+    for inp, l1, l2 in ((x, fc1, fc2), (xr, ref1, ref2)):
+        h = inp.tanh()
+        out = h + checkpoint(mlp, h, l1, l2, use_reentrant=True)
+        _full(out).pow(2).sum().backward()
+    return max(((_full(a.grad) - b.grad).abs().max() / b.grad.abs().max()).item()
+               for a, b in [(fc1.weight, ref1.weight), (fc2.weight, ref2.weight), (x, xr)])
+
+
+def test_reentrant_checkpoint_of_a_plain_residual_input():
+    assert all(err < 1e-5 for err in run(2, _residual_checkpoint_plain_input))
+
+
 class GeluFn(torch.autograd.Function):
     """BLOOM's `GeLUFunction` pattern: the backward differentiates again with autograd.grad."""
 
