@@ -22,6 +22,8 @@ from typing import Callable, Dict, Union
 
 from torch import nn
 
+from .spec import ShardSpec
+
 __all__ = ["register_plan", "get_plan", "PLANS"]
 
 Plan = Dict[str, object]
@@ -123,6 +125,98 @@ def llama_plan(config, tp: int) -> Plan:
     }
 
 
+def _kv_layout(config, tp: int) -> str:
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return "row" if _heads_fit(kv_heads, tp) else "replicate"
+
+
+def decoder_plan(config, tp: int) -> Plan:
+    """Llama-style decoders with other MLP names or biases (Qwen2/3, Gemma 1-3, StarCoder2)
+    and their mixture-of-experts forms (Mixtral, Qwen2/3-MoE, OLMoE): every expert's MLP is
+    split Megatron-style (gate|up (experts, 2 * ffn, h) over dim 1 with stride 2, down
+    (experts, h, ffn) over its last dim); the router and Qwen2-MoE's shared-expert gate are
+    replicated (every rank routes every token). q_norm / k_norm over one head_dim (Qwen3,
+    Gemma3) are replicated; OLMoE's q_norm / k_norm over all heads are split like q / k."""
+    kv = _kv_layout(config, tp)
+    whole = config.model_type == "olmoe"                # q_norm / k_norm over all heads
+    return {
+        "*embed_tokens.weight": "row",
+        "lm_head.weight": "row",
+        "*self_attn.q_proj.*": "row",
+        "*self_attn.[kv]_proj.*": kv,
+        "*self_attn.q_norm.weight": "row" if whole else "replicate",
+        "*self_attn.k_norm.weight": kv if whole else "replicate",
+        "*self_attn.o_proj.weight": "col",
+        "*mlp.gate_proj.weight": "row",
+        "*mlp.up_proj.weight": "row",
+        "*mlp.down_proj.weight": "col",
+        "*mlp.shared_expert.gate_proj.weight": "row",
+        "*mlp.shared_expert.up_proj.weight": "row",
+        "*mlp.shared_expert.down_proj.weight": "col",
+        "*mlp.c_fc.*": "row",                           # StarCoder2: c_fc column parallel
+        "*mlp.c_proj.weight": "col",
+        "*mlp.experts.gate_up_proj": ShardSpec(1, tp, stride=2),
+        "*mlp.experts.down_proj": "col",
+        "*": "replicate",
+    }
+
+
+def phi3_plan(config, tp: int) -> Plan:
+    """Phi-3: fused q|k|v and gate|up. The q|k|v blocks are equal only without grouped-query
+    attention; with fewer kv heads no stride describes the split and attention is replicated."""
+    mha = (config.num_key_value_heads or config.num_attention_heads) == config.num_attention_heads
+    attn = _heads_fit(config.num_attention_heads, tp) and mha
+    return {
+        "*embed_tokens.weight": "row",
+        "lm_head.weight": "row",
+        "*self_attn.qkv_proj.weight": ("row", {"stride": 3}) if attn else "replicate",
+        "*self_attn.o_proj.weight": "col" if attn else "replicate",
+        "*mlp.gate_up_proj.weight": ("row", {"stride": 2}),
+        "*mlp.down_proj.weight": "col",
+        "*": "replicate",
+    }
+
+
+def fused_per_head_plan(config, tp: int) -> Plan:
+    """GPT-NeoX (Pythia), BLOOM, Falcon: query_key_value's output features are laid out per
+    head (heads, 3, head_dim), or per kv group (groups, q_per_group + 2, head_dim) in Falcon's
+    new decoder architecture, so a plain "row" split hands every rank whole heads (groups) when
+    they divide by tp. Falcon's multi-query layout (q heads | k | v) cannot be split:
+    its attention stays replicated, the MLP is split."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    units = heads
+    if config.model_type == "falcon":
+        if config.new_decoder_architecture:
+            units = config.num_kv_heads
+        elif config.multi_query:
+            units = 0
+    attn = units > 0 and _heads_fit(units, tp)
+    return {
+        "*embed_in.weight": "row",                      # GPT-NeoX
+        "*word_embeddings.weight": "row",               # BLOOM, Falcon (tied head)
+        "lm_head.weight": "row",
+        "embed_out.weight": "row",
+        "*.query_key_value.*": "row" if attn else "replicate",
+        "*attention.dense.weight": "col" if attn else "replicate",
+        "*self_attention.dense.weight": "col" if attn else "replicate",
+        "*mlp.dense_h_to_4h.*": "row",
+        "*mlp.dense_4h_to_h.weight": "col",
+        "*": "replicate",
+    }
+
+
+def gptj_plan(config, tp: int) -> Plan:
+    return {
+        "*wte.weight": "row",
+        "lm_head.*": "row",                             # untied head with a bias over the vocab
+        "*attn.[qkv]_proj.weight": "row",
+        "*attn.out_proj.weight": "col",
+        "*mlp.fc_in.*": "row",
+        "*mlp.fc_out.weight": "col",
+        "*": "replicate",
+    }
+
+
 def torch_transformer_plan(config, tp: int) -> Plan:
     """torch.nn's MultiheadAttention, TransformerEncoder/DecoderLayer, TransformerEncoder/Decoder
     and Transformer (also as the prefix of a larger plan: the globs match at any depth). The
@@ -147,5 +241,10 @@ for _cls in (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDe
 
 for _name, _plan in (("gpt2", gpt2_plan), ("opt", opt_plan), ("bert", bert_plan),
                      ("t5", t5_plan), ("llama", llama_plan), ("mistral", llama_plan),
-                     ("qwen2", llama_plan)):
+                     ("qwen2", llama_plan), ("phi3", phi3_plan), ("gptj", gptj_plan)):
     register_plan(_name, _plan)
+for _name in ("qwen3", "gemma", "gemma2", "gemma3_text", "starcoder2", "mixtral", "qwen2_moe",
+              "qwen3_moe", "olmoe"):
+    register_plan(_name, decoder_plan)
+for _name in ("gpt_neox", "bloom", "falcon"):
+    register_plan(_name, fused_per_head_plan)

@@ -328,6 +328,9 @@ def pointwise(func, args, kwargs):
 @rule(torch.where, T.where)
 def where(func, args, kwargs):
     if func is torch.where and len(args) + len(kwargs) == 1:
+        c = args[0] if args else kwargs["condition"]
+        if type(c) is ST and c._spec.is_replicate:   # indices of a replicated value: local
+            return tuple(wrap(i, REPLICA, c._pg, i.shape) for i in torch.where(c._local))
         raise UnsupportedOpError("torch.where(condition) with one argument returns indices (like "
                                  "nonzero) and has no sharding rule; use torch.where(cond, a, b)")
     return _generic(func, args, kwargs)
