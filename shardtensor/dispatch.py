@@ -59,9 +59,10 @@ def _swallowed_by_torch(e: UnsupportedOpError):
         if code.co_filename.endswith("parametrize.py") and "torch" in code.co_filename and \
                 code.co_name in ("__init__", "register_parametrization"):
             err = UnsupportedOpInParametrizationError(
-                f"{e} (raised inside torch.nn.utils.parametrize.register_parametrization, which "
-                f"would take this NotImplementedError from right_inverse to mean 'identity' and "
-                f"silently register the wrong tensor)")
+                f"{e} (raised inside torch.nn.utils.parametrize.register_parametrization, in the "
+                f"parametrization's right_inverse or forward: torch takes a NotImplementedError "
+                f"from right_inverse to mean 'identity' and would silently register the wrong "
+                f"tensor, so it is raised as a RuntimeError)")
             return err
         f = f.f_back
     return None
