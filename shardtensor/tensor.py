@@ -221,6 +221,8 @@ class ShardedTensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         try:
             r = _get_rule(func)
+            if _COPY_VIEWS and args and id(args[0]) in _COPY_VIEWS:
+                return _write_back(r, func, args, kwargs or _EMPTY)
             if r is not None:
                 _CURRENT_OP[0] = func
                 if _EXPLAIN:
@@ -246,6 +248,47 @@ class ShardedTensor(torch.Tensor):
 
 
 _REPLICA = ReplicaSpec()
+
+
+# --- basic-indexing results that are copies ---------------------------------------------------
+# x[idx] with basic indexing is a view of x in serial code: writing into it writes into x. Where
+# the shards cannot present it as a view (a step, an int or a slice across shard boundaries on
+# the sharded dim) the rule computes a copy and registers it here with (x, idx): an in-place op
+# on the copy is then written back by `x[idx] = copy` (so `x[:, ::2] += 1` and
+# `x[:, :2].add_(1)` change x as in serial). The copy does not see later writes into x.
+_COPY_VIEWS: dict = {}
+
+
+def copy_view(out: "ShardedTensor", base: torch.Tensor, idx) -> "ShardedTensor":
+    """Register `out`, a copy standing for the view `base[idx]` (see above)."""
+    import weakref
+    key = id(out)
+    _COPY_VIEWS[key] = (weakref.ref(out, lambda _r, k=key: _COPY_VIEWS.pop(k, None)), base, idx)
+    return out
+
+
+_NOT_WRITES = frozenset(("requires_grad_", "share_memory_", "detach_", "retain_grad_"))
+
+
+def _inplace(func) -> bool:
+    """Whether `func` writes into its first argument's values."""
+    name = getattr(func, "__name__", "") or ""
+    if name.startswith("__"):
+        return name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                        "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
+                        "__ilshift__", "__irshift__")
+    return name.endswith("_") and name not in _NOT_WRITES
+
+
+def _write_back(r, func, args, kwargs):
+    """An op on a registered copy (see above): run it; when it wrote into the copy, write the
+    copy into what it stands for."""
+    out = r(func, args, kwargs) if r is not None else _no_rule(func, args, kwargs)
+    entry = _COPY_VIEWS.get(id(args[0]))
+    if entry is not None and entry[0]() is args[0] and _inplace(func):
+        _, base, idx = entry
+        base[idx] = args[0]
+    return out
 
 
 def _set(dst, src):

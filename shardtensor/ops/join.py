@@ -15,6 +15,7 @@ import torch
 from ..collectives import copy_to_region
 from ..dispatch import UnsupportedOpError
 from ..spec import shard_ranges
+from ..tensor import copy_view
 from ._util import (PARTIAL, REPLICA, ST, ShardSpec, group_of, local_index, rule, shard_spec,
                     spec_of, to_layout, wrap)
 
@@ -354,16 +355,28 @@ def getitem(func, args, kwargs):
             i = idx[p] % x._gshape[spec.dim]
             sel = _owner_slice(x, spec.dim, i)
             out = sel[idx[:p] + (0,) + idx[p + 1:]]
-            return wrap(out, PARTIAL, pg, out.shape)
+            return _copy_of_view(wrap(out, PARTIAL, pg, out.shape), x, args[1])
         if isinstance(idx[p], torch.Tensor) and x._local.is_floating_point():
             return _pick_partial(x, idx, p)
         out = to_layout(x, REPLICA, pg, func)[idx]   # a step on the sharded dim
-        return wrap(out, REPLICA, pg, out.shape)
+        return _copy_of_view(wrap(out, REPLICA, pg, out.shape), x, args[1])
     local_idx, ospec, oshape = plan
     if local_idx is False:                # a slice across shard boundaries: gather, re-shard
         out = to_layout(x, REPLICA, pg, func)[idx]
-        return wrap(to_layout(out, ospec, pg, func), ospec, pg, oshape)
+        return _copy_of_view(wrap(to_layout(out, ospec, pg, func), ospec, pg, oshape), x, args[1])
     return wrap(x._local[local_idx], ospec, pg, oshape)
+
+
+def _copy_of_view(out, x, idx):
+    """`out` computed as a copy where serial code gets the view x[idx]: with basic indexing an
+    in-place op on it is written back into x (tensor.copy_view); its shard is made a tensor of
+    its own (a view of a collective's output cannot be written in place under autograd)."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    if not all(isinstance(it, _BASIC_ITEMS) for it in items):
+        return out              # advanced indexing gives a copy in serial code too
+    if out._local._base is not None:
+        out = wrap(out._local.clone(), out._spec, out._pg, out._gshape, out._compute_spec)
+    return copy_view(out, x, idx)
 
 
 def _with_scratch(x, it):
