@@ -25,7 +25,9 @@ def _gshape(x) -> torch.Size:
     return x._gshape if type(x) is ST else x.shape
 
 
-@rule(torch._grouped_mm)
+_GROUPED_MM = getattr(torch, "_grouped_mm", None)   # torch >= 2.8; older torch has no such call
+
+
 def grouped_mm(func, args, kwargs):
     a = args[0] if args else kwargs["mat_a"] if "mat_a" in kwargs else kwargs["self"]
     b = args[1] if len(args) > 1 else kwargs.get("mat_b", kwargs.get("mat2"))
@@ -62,3 +64,7 @@ def grouped_mm(func, args, kwargs):
         f"2-D a grouped by offs times 3-D b (experts, K, N), b split over N with a replicated "
         f"(column parallel) or a and b split alike over K (row parallel); the experts and the "
         f"token rows cannot be split")
+
+
+if _GROUPED_MM is not None:
+    rule(_GROUPED_MM)(grouped_mm)
