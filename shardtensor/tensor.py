@@ -28,6 +28,7 @@ _EXPLAIN = _trace.EXPLAIN
 _DisableTF = torch._C.DisableTorchFunctionSubclass
 _ATEN_DETACH = torch.ops.aten.detach.default
 _ATEN_SET = torch.ops.aten.set_.source_Tensor
+_ATEN_ITEM = torch.ops.aten._local_scalar_dense.default
 
 
 class ShardedTensor(torch.Tensor):
@@ -242,6 +243,9 @@ class ShardedTensor(torch.Tensor):
             return wrap(x._local.detach(), x._spec, x._pg, x._gshape, x._compute_spec)
         if func is _ATEN_SET:      # Tensor.set_ has no __torch_function__ entry (parametrize)
             return _set(*args, **(kwargs or _EMPTY))
+        if func is _ATEN_ITEM:     # a 0-d ShardedTensor read as a number by torch's argument
+            x = args[0]            # parser (torch.arange(n), with n from generate's bookkeeping)
+            return (x._local if x._spec.is_replicate else x.full()).item()
         raise RuntimeError(f"shardtensor: the aten op {func} reached ShardedTensor's "
                            f"__torch_dispatch__; some torch function bypassed the sharding "
                            f"rules. Please report this with the code that ran.")

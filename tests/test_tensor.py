@@ -213,3 +213,25 @@ def test_error_for_a_long_list_shows_a_few_layouts():
     """An optimizer kernel's lists (hundreds of parameters) once gave a many-KB message."""
     msg = run(2, _long_list_error)[0]
     assert "... (46 more)" in msg and msg.count("ShardSpec") == 4 and len(msg) < 600
+
+
+def _scalar_arguments(rank):
+    pg = st.ProcessGroup()
+    n = st.ShardedTensor.from_global(torch.tensor(3), pg, st.ReplicaSpec())
+    p = st.ShardedTensor.from_local(torch.tensor(1.0 + rank), pg, st.PartialSpec())
+    mask = torch.ones(2, 4, dtype=torch.long)   # generate's attention_mask.new_ones((b, n))
+    grown = [mask.new_ones((mask.shape[0], n)).shape, mask.new_zeros(2, n).shape,
+             mask.new_full((n,), 7).tolist()]
+    return torch.arange(n).tolist(), torch.zeros(5)[:n].shape[0], torch.full((2,), p).tolist(), grown
+
+
+def test_zero_dim_sharded_tensors_as_scalar_arguments():
+    """torch's argument parser reads a 0-d tensor passed where a number goes (torch.arange(n):
+    transformers' assisted decoding does it with a count computed from vocab-sharded scores)
+    through aten._local_scalar_dense, below __torch_function__: it reached __torch_dispatch__
+    and raised. A replicated value gives its local number, a partial one its sum. A plain
+    tensor's new_ones((b, n)) with such an n crashed in the rule (transformers 5.17's assisted
+    decoding)."""
+    for rng, stop, filled, grown in run(2, _scalar_arguments):
+        assert rng == [0, 1, 2] and stop == 3 and filled == [3.0, 3.0]
+        assert grown == [(2, 3), (2, 3), [7, 7, 7]]

@@ -440,6 +440,15 @@ def random_fill_(func, args, kwargs):
     return x
 
 
+def _numbers(a):
+    """A 0-d ShardedTensor (or a list of them and numbers) as Python numbers: its value."""
+    if type(a) is ST and not a._gshape:
+        return (a._local if a._spec.is_replicate else a.full()).item()
+    if isinstance(a, (list, tuple)) and any(type(v) is ST for v in a):
+        return tuple(_numbers(v) for v in a)
+    return a
+
+
 @rule(T.new_zeros, T.new_ones, T.new_empty, T.new_full, T.new_tensor)
 def new_factory(func, args, kwargs):
     """`x.new_zeros(size)` and kin: x's dtype and device. Asked for x's own global shape, a
@@ -447,6 +456,12 @@ def new_factory(func, args, kwargs):
     replicated or partial x, gives a plain tensor (a replicated value, as plain tensors are
     everywhere in shardtensor). `new_tensor(data)` copies data (a ShardedTensor's full value)."""
     x, rest = args[0], list(args[1:])
+    if func is not T.new_tensor:   # sizes given as 0-d ShardedTensors (generate's counts)
+        rest = [_numbers(a) for a in rest]
+        if "size" in kwargs:
+            kwargs = dict(kwargs, size=_numbers(kwargs["size"]))
+    if type(x) is not ST:          # a plain x: only its size arguments were ShardedTensors
+        return func(x, *rest, **kwargs)
     loc = x._local
     if func is T.new_tensor:
         rest = [a.full() if type(a) is ST else a for a in rest]
