@@ -45,9 +45,17 @@ def shard_param(param: torch.Tensor, pg: ProcessGroup, spec: Spec,
         new._local.requires_grad_(requires_grad)
     try:
         torch.utils.swap_tensors(param, new)
-    except RuntimeError as e:
-        raise ShardingError(f"could not convert the parameter of shape {tuple(full.shape)} in "
-                            f"place ({e}); annotate parameters before running the model") from e
+    except RuntimeError:
+        # another reference may be garbage awaiting collection (a reference cycle through an
+        # autograd graph built while the model was set up, e.g. peft's DoRA initialisation)
+        import gc
+        gc.collect()
+        try:
+            torch.utils.swap_tensors(param, new)
+        except RuntimeError as e:
+            raise ShardingError(f"could not convert the parameter of shape {tuple(full.shape)} "
+                                f"in place ({e}); annotate parameters before running the "
+                                f"model") from e
     if grad is not None:
         param._local.grad = grad
     return param
