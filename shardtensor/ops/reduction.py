@@ -296,7 +296,15 @@ def _vector_norm(x, ord, dims, keepdim, dtype, func):
         return wrap(_squeeze(reduce_from_region(c, pg, func), dims, keepdim), REPLICA, pg, shape)
     # sum of |x|^p over the shards, then the p-th root (a zero norm has an undefined gradient)
     p = torch.linalg.vector_norm(local, ord, dims, keepdim=True, dtype=dtype)
-    s = reduce_from_region(p * p if ord == 2 else p.pow(ord), pg, func)
+    if ord == 2:
+        t = p * p
+    elif ord < 1:   # a zero local norm: |x|^p's derivative is infinite there; serial's is 0
+        zero = p == 0
+        t = torch.where(zero, torch.ones_like(p), p).pow(ord)
+        t = torch.where(zero, torch.full_like(t, math.inf if ord < 0 else 0.0), t)
+    else:
+        t = p.pow(ord)
+    s = reduce_from_region(t, pg, func)
     out = _root(s, ord)
     return wrap(_squeeze(out, dims, keepdim), REPLICA, pg, shape)
 

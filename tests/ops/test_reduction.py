@@ -248,3 +248,36 @@ def test_adafactor_on_gpt2_matches_serial(world, foreach):
     for err, moved in run(world, _adafactor, foreach):
         assert err < 1e-4, err
         assert moved > 1e-3                       # the steps did update the weights
+
+
+def _norm_at_zeros(rank, world):
+    pg = st.ProcessGroup()
+    errs = {}
+    for ordv in (0.5, -1.0, -2.0, 3.0, 1.0, 2.0):
+        for case in ("zero_element", "zero_row"):
+            torch.manual_seed(0)
+            x = torch.randn(3, 8, dtype=torch.float64)
+            if case == "zero_element":
+                x[0, 5] = 0
+            else:
+                x[1] = 0
+            x.requires_grad_()
+            sx = st.ShardedTensor.from_global(x, pg, st.ShardSpec(1, world))
+            w = torch.randn(3, dtype=torch.float64)
+            n = torch.linalg.vector_norm(sx, ordv, dim=1).full()
+            (n * w).sum().backward()
+            g, x.grad = x.grad.clone(), None
+            ref = torch.linalg.vector_norm(x, ordv, dim=1)
+            (ref * w).sum().backward()
+            errs[(ordv, case)] = max((n - ref).abs().max().item(),
+                                     (g - x.grad).abs().nan_to_num(1e9).max().item())
+    return errs
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vector_norm_over_the_sharded_dim_at_exact_zeros(world):
+    """p < 1 and negative p: a zero element or an all-zero row gave NaN gradients (|x|^p's
+    infinite derivative at a zero local norm) where serial gives finite ones."""
+    for errs in run(world, _norm_at_zeros, world):
+        bad = {k: v for k, v in errs.items() if not v < 1e-12}
+        assert not bad, bad
