@@ -73,7 +73,7 @@ class _Bridge(_Function):
 
     @staticmethod
     def forward(ctx, call, *inputs):
-        ctx.call = call
+        ctx.call, ctx.n = call, len(inputs)
         # aliases: the call keeps the Function's outputs (the engine's roots) but not these,
         # whose history is this node (no reference cycle through the call)
         outs = tuple(x.detach() for x in call.out_locals)
@@ -93,6 +93,12 @@ class _Bridge(_Function):
                 "is not supported; its bridge to the shards is first order")
         ctx.saved_tensors   # noqa: B018 (the checks above)
         call = ctx.call
+        if call.checkpoint and not torch.autograd._is_checkpoint_valid():
+            raise RuntimeError(   # serial's reentrant checkpoint raises it in its backward
+                "When use_reentrant=True, torch.utils.checkpoint is incompatible with .grad() or "
+                "passing an `inputs` parameter to .backward(). To resolve this error, you can "
+                "either set use_reentrant=False, or call .backward() without passing the "
+                "`inputs` argument.")
         outs, gouts = [], []
         for o, g in zip(call.outs, grads):
             if g is None:
@@ -111,7 +117,7 @@ class _Bridge(_Function):
                           (), True, True)
         got, call.got = call.got, None
         res = tuple(_shard_of(g, a) for g, a in zip(got, call.inputs))
-        return (None,) + (res or (None,))
+        return (None,) + res + (None,) * (ctx.n - len(res))
 
 
 def _shard_of(g, layout):
@@ -125,7 +131,8 @@ def _shard_of(g, layout):
 
 
 class _Call:
-    __slots__ = ("inputs", "got", "outs", "out_locals", "saved_in", "saved_out", "__weakref__")
+    __slots__ = ("inputs", "got", "outs", "out_locals", "saved_in", "saved_out", "checkpoint",
+                 "__weakref__")
 
 
 def _sharded_apply(cls, args, kwargs):
@@ -133,6 +140,7 @@ def _sharded_apply(cls, args, kwargs):
     through a `_Capture` node, so its gradient comes back to the shards' graph by the bridge."""
     grad = torch.is_grad_enabled()
     call = _Call()
+    call.checkpoint = cls.__name__ == "CheckpointFunction"
     call.inputs, locals_in = [], []   # the layouts (not the tensors) of inputs needing grad
     token = []
 
@@ -242,8 +250,12 @@ def _apply(cls, *args, **kwargs):
         # the bridge joins its outputs' shards to it
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             call = _Call()
-            call.inputs = []
-            return _bridge(cls, out, call, [], args)
+            call.inputs, call.checkpoint = [], cls.__name__ == "CheckpointFunction"
+            # the plain inputs needing grad are the bridge's inputs too (it returns them no
+            # gradient: theirs comes through the Function's node), so a backward asked for
+            # their gradient (`inputs=`, autograd.grad) reaches the bridge as in serial
+            plain = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            return _bridge(cls, out, call, plain, args)
     return out
 
 

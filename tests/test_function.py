@@ -491,3 +491,27 @@ def test_bridge_backward_stays_in_the_functions_graph():
             assert freed is not None and "freed" in freed[1]
         else:   # torch < 2.6 cannot say whether the graph is retained: kept with the graph
             assert freed is None
+
+
+def _checkpoint_inputs(rank):
+    pg = st.ProcessGroup()
+    fc1, fc2, ref1, ref2 = _megatron_mlp(pg, 8)
+    res = {}
+    for name, (a, b) in (("serial", (ref1, ref2)), ("sharded", (fc1, fc2))):
+        x = torch.randn(4, 8, requires_grad=True)
+        blk = lambda h: b(torch.relu(a(h)))   # noqa: E731
+        res[name] = (_error(lambda: _full(checkpoint(blk, x, use_reentrant=True)).sum()
+                            .backward(inputs=[x])),
+                     _error(lambda: torch.autograd.grad(
+                         _full(checkpoint(blk, x, use_reentrant=True)).sum(), x)))
+    return res
+
+
+def test_reentrant_checkpoint_refuses_inputs_and_grad_as_in_serial():
+    """Reentrant checkpoint cannot serve backward(inputs=...) or autograd.grad: serial raises.
+    With a plain input and sharded parameters the bridge was not reachable from the input, so
+    backward(inputs=[x]) silently gave x no gradient (and autograd.grad a misleading error)."""
+    for res in run(2, _checkpoint_inputs):
+        for s, h in zip(res["serial"], res["sharded"]):
+            assert s is not None and "use_reentrant=True" in s[1]
+            assert h == s, (h, s)
