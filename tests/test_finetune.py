@@ -69,6 +69,25 @@ def _sgd_steps(models, arch="gpt2", steps=2, lr=0.1):
 
 # --- 1. LoRA ------------------------------------------------------------------------------------
 
+def _train_side_by_side(serial, model, opts, seed, steps=3):
+    """`steps` training steps of both models on the same float64 inputs (loss mean(y^2)):
+    the largest relative errors of outputs and gradients per step, then of the weights."""
+    torch.manual_seed(seed)
+    errs = []
+    for x in [torch.randn(4, 16, dtype=torch.float64) for _ in range(steps)]:
+        outs = []
+        for m, o in zip((serial, model), opts):
+            o.zero_grad()
+            y = m(x)
+            (y * y).mean().backward()
+            outs.append((y, [p.grad for p in m.parameters() if p.requires_grad]))
+            o.step()
+        errs.append(_rel(outs[1][0], outs[0][0]))
+        errs.append(_worst(outs[1][1], outs[0][1]))
+    errs.append(_worst(model.parameters(), serial.parameters()))
+    return errs
+
+
 class _LoRA(nn.Module):
     """x -> base(x) + x A^T B^T * scale, the base frozen."""
 
@@ -98,19 +117,7 @@ def _handwritten_lora(rank, megatron):
             p.requires_grad_(".base." not in name)
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
             for m in (serial, model)]
-    torch.manual_seed(2)
-    errs = []
-    for x in [torch.randn(4, 16, dtype=torch.float64) for _ in range(3)]:
-        outs = []
-        for m, o in zip((serial, model), opts):
-            o.zero_grad()
-            y = m(x)
-            (y * y).mean().backward()
-            outs.append((y, [p.grad for p in m.parameters() if p.requires_grad]))
-            o.step()
-        errs.append(_rel(outs[1][0], outs[0][0]))
-        errs.append(_worst(outs[1][1], outs[0][1]))
-    errs.append(_worst(model.parameters(), serial.parameters()))
+    errs = _train_side_by_side(serial, model, opts, seed=2)
     frozen = all(p.grad is None for n, p in model.named_parameters() if ".base." in n)
     # merging the adapters into the (sharded) base weights
     with torch.no_grad():
@@ -358,19 +365,7 @@ def _parametrized(rank, kind, dim):
             else:
                 parametrize.register_parametrization(lin, "weight", _Scale())
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (serial, model)]
-    torch.manual_seed(4)
-    errs = []
-    for x in [torch.randn(4, 16, dtype=torch.float64) for _ in range(3)]:
-        outs = []
-        for m, o in zip((serial, model), opts):
-            o.zero_grad()
-            y = m(x)
-            (y * y).mean().backward()
-            outs.append((y, [p.grad for p in m.parameters()]))
-            o.step()
-        errs.append(_rel(outs[1][0], outs[0][0]))
-        errs.append(_worst(outs[1][1], outs[0][1]))
-    errs.append(_worst(model.parameters(), serial.parameters()))
+    errs = _train_side_by_side(serial, model, opts, seed=4)
     errs.append(_rel(model.fc1.weight, serial.fc1.weight))
     return max(errs), sorted(n for n, _ in model.named_parameters())
 
