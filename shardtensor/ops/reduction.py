@@ -339,6 +339,13 @@ def linalg_norm(func, args, kwargs):
     b = _bind(func, args, kwargs, ("ord", "dim", "keepdim"),
               {"ord": None, "dim": None, "keepdim": False, "dtype": None})
     ord, dim, nd = b["ord"], b["dim"], len(x._gshape)
+    if ord is not None and dim is None and nd > 2:        # torch's own checks, as in serial
+        raise RuntimeError(f"linalg.norm: If dim is not specified but ord is, the input must be "
+                           f"1D or 2D. Got {nd}D.")
+    if isinstance(ord, str) and dim is not None and (
+            isinstance(dim, int) or len(dim) != 2):
+        raise RuntimeError(f"linalg.matrix_norm: dim must be a 2-tuple. Got "
+                           f"{1 if isinstance(dim, int) else len(dim)}")
     vector = isinstance(dim, int) or (isinstance(dim, (tuple, list)) and len(dim) == 1) or (
         dim is None and (ord is None or nd == 1))
     if not vector and ord not in (None, "fro"):

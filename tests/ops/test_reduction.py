@@ -281,3 +281,28 @@ def test_vector_norm_over_the_sharded_dim_at_exact_zeros(world):
     for errs in run(world, _norm_at_zeros, world):
         bad = {k: v for k, v in errs.items() if not v < 1e-12}
         assert not bad, bad
+
+
+def _fro_checks(rank):
+    pg = st.ProcessGroup()
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6)
+    sx = st.ShardedTensor.from_global(x, pg, st.ShardSpec(2, pg.tp_world_size()))
+    out = []
+    for kw in ({"ord": "fro", "dim": 1}, {"ord": "fro"}, {"ord": 2}):
+        errs = []
+        for t in (x, sx):
+            try:
+                torch.linalg.norm(t, **kw)
+                errs.append(None)
+            except RuntimeError as e:
+                errs.append(str(e))
+        out.append(errs)
+    return out
+
+
+def test_linalg_norm_refuses_what_serial_refuses():
+    """ord='fro' with an int dim, and an ord without dim on a 3-D input, raise torch's own
+    errors as in serial (the sharded rule computed a vector 2-norm instead)."""
+    for serial_err, sharded_err in run(2, _fro_checks)[0]:
+        assert serial_err is not None and sharded_err == serial_err
