@@ -244,14 +244,18 @@ class ShardedTensor(torch.Tensor):
         if func is _ATEN_SET:      # Tensor.set_ has no __torch_function__ entry (parametrize)
             return _set(*args, **(kwargs or _EMPTY))
         if func is _ATEN_ITEM:     # a 0-d ShardedTensor read as a number by torch's argument
-            x = args[0]            # parser (torch.arange(n), with n from generate's bookkeeping)
-            return (x._local if x._spec.is_replicate else x.full()).item()
+            return number(args[0])  # parser (torch.arange(n), n from generate's bookkeeping)
         raise RuntimeError(f"shardtensor: the aten op {func} reached ShardedTensor's "
                            f"__torch_dispatch__; some torch function bypassed the sharding "
                            f"rules. Please report this with the code that ran.")
 
 
 _REPLICA = ReplicaSpec()
+
+
+def number(x: "ShardedTensor"):
+    """The value of a 0-d ShardedTensor as a Python number (a partial one's sum: collective)."""
+    return (x._local if x._spec.is_replicate else x.full()).item()
 
 
 # --- basic-indexing results that are copies ---------------------------------------------------

@@ -194,6 +194,10 @@ def test_reentrant_gradient_checkpointing_equals_serial(arch):
         assert worst < 1e-4
 
 
+def _mlp(a, l1, l2):
+    return l2(torch.nn.functional.gelu(l1(a)))
+
+
 def _mlp_checkpoint(rank, reentrant):
     """A hand-written column -> row MLP under torch.utils.checkpoint: Megatron's activation
     recomputation. The backward re-runs the forward (its all-reduce included)."""
@@ -203,12 +207,10 @@ def _mlp_checkpoint(rank, reentrant):
     x = torch.randn(4, 8, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
 
-    def mlp(a, l1, l2):
-        return l2(torch.nn.functional.gelu(l1(a)))
     with st.CommTrace() as tr:
-        out = checkpoint(mlp, x, fc1, fc2, use_reentrant=reentrant)
+        out = checkpoint(_mlp, x, fc1, fc2, use_reentrant=reentrant)
         _full(out).pow(2).sum().backward()
-    checkpoint(mlp, xr, ref1, ref2, use_reentrant=reentrant).pow(2).sum().backward()
+    checkpoint(_mlp, xr, ref1, ref2, use_reentrant=reentrant).pow(2).sum().backward()
     err = max(((_full(a.grad) - b.grad).abs().max() / b.grad.abs().max()).item()
               for a, b in [(fc1.weight, ref1.weight), (fc1.bias, ref1.bias),
                            (fc2.weight, ref2.weight), (fc2.bias, ref2.bias), (x, xr)])
@@ -237,11 +239,9 @@ def _residual_checkpoint_plain_input(rank):
     x = torch.randn(4, 8, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
 
-    def mlp(a, l1, l2):
-        return l2(torch.nn.functional.gelu(l1(a)))
     for inp, l1, l2 in ((x, fc1, fc2), (xr, ref1, ref2)):
         h = inp.tanh()
-        out = h + checkpoint(mlp, h, l1, l2, use_reentrant=True)
+        out = h + checkpoint(_mlp, h, l1, l2, use_reentrant=True)
         _full(out).pow(2).sum().backward()
     return max(((_full(a.grad) - b.grad).abs().max() / b.grad.abs().max()).item()
                for a, b in [(fc1.weight, ref1.weight), (fc2.weight, ref2.weight), (x, xr)])

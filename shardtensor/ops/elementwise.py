@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..collectives import copy_to_region, redistribute_local
 from ..spec import take_shard
+from ..tensor import number
 from ._util import (PARTIAL, REPLICA, ST, ShardingError, shard_spec, group_of, materialize,
                     remember, rule, to_layout, wrap)
 from ..dispatch import UnsupportedOpError
@@ -443,7 +444,7 @@ def random_fill_(func, args, kwargs):
 def _numbers(a):
     """A 0-d ShardedTensor (or a list of them and numbers) as Python numbers: its value."""
     if type(a) is ST and not a._gshape:
-        return (a._local if a._spec.is_replicate else a.full()).item()
+        return number(a)
     if isinstance(a, (list, tuple)) and any(type(v) is ST for v in a):
         return tuple(_numbers(v) for v in a)
     return a
