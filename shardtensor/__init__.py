@@ -7,6 +7,7 @@ from .dispatch import (ShardingError, UnsupportedOpError, UnsupportedOpInParamet
 from .tensor import ShardedTensor
 from . import ops  # registers the rules
 from .function import install as _install_function
+from .optim import install as _install_optim
 from .annotate import parallelize, replicate, shard_param, split_col, split_row
 from .plans import register_plan
 from .launch import launch
@@ -16,6 +17,7 @@ from .hf import load_pretrained
 from .data_parallel import data_parallel
 
 _install_function()   # custom autograd.Functions on ShardedTensors (see function.py)
+_install_optim()      # elementwise optimizers step on the shards (see optim.py)
 
 __version__ = "0.1.0"
 
