@@ -214,6 +214,52 @@ def _graph_rows(rows, name, model, make, iters, device, to_full=False):
 
 
 GRAPH = False
+OPTIM = False
+
+
+def time_optim(model, iters, device):
+    """One `torch.optim.AdamW(model.parameters())` step (torch's defaults: foreach on CUDA
+    where the parameters are plain tensors) over gradients of the parameters' layout."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.grad = torch.full_like(p, 1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    for _ in range(3):
+        opt.step()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            s.record()
+            opt.step()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            opt.step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    model.zero_grad(set_to_none=True)
+    del opt
+    return statistics.median(times)
+
+
+def _optim_rows(rows, name, model, iters, device):
+    """The AdamW step; for shardtensor also with its parameters' step run through the rules
+    (the path before optimizers stepped on the shards), side by side."""
+    if not OPTIM:
+        return
+    rows[name + " adamw"] = (time_optim(model, iters, device), peak_mb(device))
+    if name == "shardtensor":
+        import shardtensor.optim as on_shards
+        swap = on_shards._to_shards
+        on_shards._to_shards = lambda opt: None
+        try:
+            rows[name + " adamw (rules)"] = (time_optim(model, iters, device), peak_mb(device))
+        finally:
+            on_shards._to_shards = swap
 
 
 def peak_mb(device):
@@ -236,6 +282,7 @@ def bench_blocks(size, device, dtype, iters, pg, rank, tp):
     if rank == 0 or device != "cuda":
         rows["serial"] = (time_step(base, make, iters, device), peak_mb(device))
         _graph_rows(rows, "serial", base, make, iters, device)
+        _optim_rows(rows, "serial", base, iters, device)
     dist.barrier()
     for name, build in (("megatron", lambda: megatron(base, tp, pg.tp_local_rank(), pg.tp_process_group())),
                         ("dtensor", lambda: dtensor(base, tp, device)),
@@ -246,6 +293,7 @@ def bench_blocks(size, device, dtype, iters, pg, rank, tp):
             m = build()
             rows[name] = (time_step(m, make, iters, device, to_full=True), peak_mb(device))
             _graph_rows(rows, name, m, make, iters, device, to_full=True)
+            _optim_rows(rows, name, m, iters, device)
         except Exception as e:  # report, keep going
             rows[name] = (float("nan"), float("nan"), f"{type(e).__name__}: {e}"[:200])
         del m
@@ -279,12 +327,14 @@ def bench_gpt2(size, device, dtype, iters, pg, rank, tp):
     if rank == 0 or device != "cuda":
         rows["serial"] = (time_step(Loss(base), lambda: ids, iters, device), peak_mb(device))
         _graph_rows(rows, "serial", Loss(base), lambda: ids, iters, device)
+        _optim_rows(rows, "serial", base, iters, device)
     dist.barrier()
     if device == "cuda":
         torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     m = st.parallelize(copy.deepcopy(base), pg)
     rows["shardtensor"] = (time_step(Loss(m), lambda: ids, iters, device, to_full=True), peak_mb(device))
     _graph_rows(rows, "shardtensor", Loss(m), lambda: ids, iters, device, to_full=True)
+    _optim_rows(rows, "shardtensor", m, iters, device)
     dist.barrier()
     return rows
 
@@ -296,10 +346,12 @@ def main():
     ap.add_argument("--model", default="both", choices=["blocks", "gpt2", "both"])
     ap.add_argument("--graph", action="store_true",
                     help="also time each variant's step captured as one CUDA graph (GPU)")
+    ap.add_argument("--optim", action="store_true",
+                    help="also time an AdamW step (torch's defaults) over each variant's parameters")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    global GRAPH
-    GRAPH = a.graph
+    global GRAPH, OPTIM
+    GRAPH, OPTIM = a.graph, a.optim
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     st.init_distributed()
