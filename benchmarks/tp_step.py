@@ -221,6 +221,12 @@ def time_optim(model, iters, device):
     """One `torch.optim.AdamW(model.parameters())` step (torch's defaults: foreach on CUDA
     where the parameters are plain tensors) over gradients of the parameters' layout."""
     params = [p for p in model.parameters() if p.requires_grad]
+    meshes = [p.device_mesh for p in params if hasattr(p, "device_mesh")]
+    if meshes:   # DTensor's optimizers refuse lists mixing DTensors and plain tensors
+        from torch.distributed.tensor import Replicate, distribute_tensor
+        params = [p if hasattr(p, "device_mesh") else
+                  nn.Parameter(distribute_tensor(p.detach(), meshes[0], [Replicate()]))
+                  for p in params]
     with torch.no_grad():
         for p in params:
             p.grad = torch.full_like(p, 1e-3)
