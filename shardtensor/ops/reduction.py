@@ -289,10 +289,8 @@ def _vector_norm(x, ord, dims, keepdim, dtype, func):
         a = local.abs() if dtype is None else local.abs().to(dtype)
         m = (max_from_region if ord > 0 else min_from_region)(_local_extremum(a, dims, ord > 0), pg, func)
         return wrap(_squeeze(m, dims, keepdim), REPLICA, pg, shape)
-    if ord == 0:
-        c = (local != 0).sum(dims, keepdim=True).to(dtype or local.dtype)
-        if local.requires_grad:   # like torch: differentiable, with a zero gradient
-            c = torch.where(torch.zeros_like(c, dtype=torch.bool), local.sum(dims, keepdim=True).to(c.dtype), c)
+    if ord == 0:   # the local counts; torch's own node gives the input no gradient, as serially
+        c = torch.linalg.vector_norm(local, 0.0, dims, keepdim=True, dtype=dtype)
         return wrap(_squeeze(reduce_from_region(c, pg, func), dims, keepdim), REPLICA, pg, shape)
     # sum of |x|^p over the shards, then the p-th root (a zero norm has an undefined gradient)
     p = torch.linalg.vector_norm(local, ord, dims, keepdim=True, dtype=dtype)

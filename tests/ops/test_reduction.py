@@ -306,3 +306,30 @@ def test_linalg_norm_refuses_what_serial_refuses():
     errors as in serial (the sharded rule computed a vector 2-norm instead)."""
     for serial_err, sharded_err in run(2, _fro_checks)[0]:
         assert serial_err is not None and sharded_err == serial_err
+
+
+def _norm0_grad(rank, dim):
+    pg = st.ProcessGroup()
+    torch.manual_seed(3)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    x[1, 2] = 0.0
+    w = st.ShardedTensor.from_global(x, pg, st.ShardSpec(1, pg.tp_world_size())).detach()
+    w.requires_grad_()
+    n = torch.linalg.vector_norm(w, 0, dim)
+    (n * 2).sum().backward()
+    return (n.full() if isinstance(n, st.ShardedTensor) else n), n.requires_grad, w.grad is None
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("dim", [None, 1, 0])
+def test_vector_norm_ord0_gives_no_gradient_as_serial(world, dim):
+    torch.manual_seed(3)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    x[1, 2] = 0.0
+    x.requires_grad_()
+    ref = torch.linalg.vector_norm(x, 0, dim)
+    (ref * 2).sum().backward()
+    assert x.grad is None
+    for n, requires_grad, no_grad in run(world, _norm0_grad, dim):
+        torch.testing.assert_close(n, ref.detach())
+        assert requires_grad and no_grad   # differentiable, and the input gets no gradient
