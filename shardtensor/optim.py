@@ -12,7 +12,9 @@ parameter would otherwise get the per-parameter loop).
 Outside `step` nothing changes: `param_groups` hold the parameters, `optimizer.state` is keyed
 by them, and a state tensor of a sharded parameter is a ShardedTensor with its layout (what
 `state_dict()` and `shardtensor.save` see). State created in the step is wrapped once; later
-steps reuse the wrappers. Optimizers this cannot vouch for (LBFGS's global dot products,
+steps reuse the wrappers. A plain state tensor with a ShardedTensor parameter's global shape (a
+serial optimizer's state dict, loaded by torch's `load_state_dict`) is laid out like the
+parameter at the next step. Optimizers this cannot vouch for (LBFGS's global dot products,
 Adafactor's row/column factors, any other class) step through the rules as before, as does a
 step with `differentiable=True`, a partial parameter, state not laid out like its parameter, or
 a fused step over a strided shard or gradient (torch's fused kernels assume contiguous tensors,
@@ -24,6 +26,7 @@ import functools
 
 import torch
 
+from .spec import take_shard
 from .tensor import ShardedTensor, wrap
 
 __all__ = ["install"]
@@ -72,6 +75,10 @@ def _to_shards(opt):
                     if (v._spec is not sp and v._spec != sp) or v._gshape != p._gshape:
                         return None
                     v = v._local
+                elif isinstance(v, torch.Tensor) and (v.dim() or k in _PARAM_SHAPED) and \
+                        v.shape == p._gshape:
+                    v = cs[k] = _laid_out(v, p)
+                    v = v._local
                 sh[k] = v
             entries.append((p, loc, sh))
         groups.append((g, ps, locs))
@@ -83,6 +90,15 @@ def _to_shards(opt):
         if sh is not None:
             state[loc] = sh
     return groups, entries
+
+
+def _laid_out(v: torch.Tensor, p: ShardedTensor) -> ShardedTensor:
+    """A plain state tensor with a ShardedTensor parameter's global shape (a serial optimizer's
+    `state_dict()` loaded by torch's `load_state_dict`, which only casts it) laid out like the
+    parameter: this rank's part, in memory of its own."""
+    sp = p._spec
+    part = take_shard(v, sp, p._pg.tp_local_rank()) if sp.is_shard else v
+    return wrap(torch.empty_like(p._local, dtype=v.dtype).copy_(part), sp, p._pg, p._gshape)
 
 
 def _back(opt, swapped) -> None:

@@ -265,3 +265,57 @@ def test_optimizers_that_are_not_elementwise_step_through_the_rules(name):
         for p, r in zip(out, ref):
             torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-12)
         assert inside == {"ShardedTensor", "Parameter"}   # the step saw the parameters
+
+
+def _grads_from_loss(m, step):
+    """A real backward (the gradients' layouts are autograd's, not set by hand)."""
+    x = torch.randn(4, 6, dtype=F64, generator=torch.Generator().manual_seed(10 + step))
+    out = m(x)
+    (out.full() if isinstance(out, st.ShardedTensor) else out).pow(2).sum().backward()
+
+
+def _serial_state_dict_resume(rank, name, serial):
+    """2 serial steps, the serial optimizer's `state_dict()` loaded by torch's `load_state_dict`
+    into an optimizer over the (sharded) model holding the serial weights, 2 more steps."""
+    ms = _model()
+    opt = getattr(torch.optim, name)(ms.parameters(), **OPTIMS[name])
+    for step in range(2):
+        opt.zero_grad()
+        _grads_from_loss(ms, step)
+        opt.step()
+    sd = opt.state_dict()
+    pg = None if serial else st.ProcessGroup()
+    m = _model(pg)
+    with torch.no_grad():
+        for p, q in zip(m.parameters(), ms.parameters()):
+            p.copy_(st.ShardedTensor.from_global(q.detach().clone(), pg, p.spec)
+                    if isinstance(p, st.ShardedTensor) else q)
+    opt = getattr(torch.optim, name)(m.parameters(), **OPTIMS[name])
+    opt.load_state_dict(sd)
+    for step in range(2, 4):
+        opt.zero_grad()
+        _grads_from_loss(m, step)
+        opt.step()
+    ps = list(m.parameters())
+    states = [{k: _full(v) if isinstance(v, torch.Tensor) else v
+               for k, v in sorted(opt.state[p].items())} for p in ps]
+    layouts_ok = all(v.spec == p.spec for p in ps if isinstance(p, st.ShardedTensor)
+                     for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.dim())
+    return [_full(p) for p in ps], states, layouts_ok
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", list(OPTIMS))
+def test_a_serial_optimizers_state_dict_loads_and_continues_the_serial_run(world, name):
+    """torch's load_state_dict only casts the serial state: its full tensors are laid out like
+    their parameters at the next step (they met the shards' gradients with the full shape:
+    a size mismatch at tp > 1)."""
+    rparams, rstates, _ = _serial_state_dict_resume(0, name, True)
+    for params, states, layouts_ok in run(world, _serial_state_dict_resume, name, False):
+        for p, r in zip(params, rparams):
+            torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-12)
+        for s, r in zip(states, rstates):
+            assert s.keys() == r.keys()
+            for k in r:
+                torch.testing.assert_close(s[k], r[k], rtol=1e-12, atol=1e-12)
+        assert layouts_ok
