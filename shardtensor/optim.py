@@ -1,13 +1,14 @@
 """torch's elementwise optimizers step on the shards.
 
 SGD, Adam, AdamW, Adamax, Adadelta, Adagrad, ASGD, NAdam, RAdam, RMSprop and Rprop update every
-element of a parameter from the same element of its gradient and state: on a sharded parameter
-that is the serial update of this rank's part, with no communication. So their `step` runs on
-the shards themselves: for the step's duration each param group lists the shards (plain
-tensors; their `.grad` is the gradient's shard, where autograd put it) and the optimizer's state
-of a sharded parameter is keyed by its shard. The step then pays no dispatch at all, and torch's
-default picks its foreach kernels on CUDA (it refuses tensor subclasses, so a ShardedTensor
-parameter would otherwise get the per-parameter loop).
+element of a parameter from the same element of its gradient and state (SparseAdam: every element
+its sparse gradient lists): on a sharded parameter that is the serial update of this rank's part,
+with no communication. So their `step` runs on the shards themselves: for the step's duration
+each param group lists the shards (plain tensors; their `.grad` is the gradient's shard, where
+autograd put it) and the optimizer's state of a sharded parameter is keyed by its shard. The
+step then pays no dispatch at all, and torch's default picks its foreach kernels on CUDA (it
+refuses tensor subclasses, so a ShardedTensor parameter would otherwise get the per-parameter
+loop).
 
 Outside `step` nothing changes: `param_groups` hold the parameters, `optimizer.state` is keyed
 by them, and a state tensor of a sharded parameter is a ShardedTensor with its layout (what
@@ -33,7 +34,7 @@ __all__ = ["install"]
 
 ST = ShardedTensor
 _ELEMENTWISE = ("SGD", "Adam", "AdamW", "Adamax", "Adadelta", "Adagrad", "ASGD", "NAdam",
-                "RAdam", "RMSprop", "Rprop")
+                "RAdam", "RMSprop", "Rprop", "SparseAdam")
 # state named like these has the parameter's shape even when that shape is () (a 0-d parameter);
 # any other 0-d state ('step', 'eta', 'mu', 'mu_product') is a scalar of the optimizer's
 _PARAM_SHAPED = frozenset(("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer",

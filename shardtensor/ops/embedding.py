@@ -111,7 +111,7 @@ def embedding(func, args, kwargs):
 def _vocab_parallel(ids, wl, V, spec: ShardSpec, rank, pad, max_norm, norm_type, sgf, sparse):
     """This rank's summand of a lookup into a vocab-sharded table: its rows, zeros elsewhere."""
     ranges = shard_ranges(V, spec.degree, spec.stride, rank)
-    if len(ranges) == 1 and max_norm is None and not sgf and wl.shape[0]:
+    if len(ranges) == 1 and max_norm is None and not sgf and wl.shape[0] and not sparse:
         # the common case (one block per rank): 8 ops, as in Megatron's VocabParallelEmbedding
         start, length = ranges[0]
         lid = ids - start
@@ -130,6 +130,13 @@ def _vocab_parallel(ids, wl, V, spec: ShardSpec, rank, pad, max_norm, norm_type,
     if max_norm is not None and nloc:
         with torch.no_grad():
             torch.embedding_renorm_(wl, lid[mask].contiguous(), max_norm, norm_type)
+    if sparse:
+        # only the ids this rank holds are looked up, so the sparse gradient lists exactly the
+        # rows of this shard that the serial gradient lists (another rank's id looked up at a
+        # stand-in row would list that row with zeros, and SparseAdam would then decay its
+        # moments and move it where serial leaves it alone)
+        rows = F.embedding(lid[mask], wl, lpad, None, norm_type, sgf, True)
+        return rows.new_zeros(tuple(ids.shape) + (wl.shape[1],)).index_put((mask,), rows)
     if nloc == 0 or sgf:
         # an extra zero row takes the ids this rank does not hold (an empty shard stays in the
         # graph; gradient frequencies are counted only over the ids this rank holds)
