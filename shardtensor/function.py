@@ -235,8 +235,46 @@ def _torch_plumbing(cls) -> bool:
     return v
 
 
+_BackwardHookFunction = getattr(getattr(torch.nn.modules, "_functions", None),
+                                "BackwardHookFunction", None)
+
+
+def _module_hook_apply(args):
+    """`BackwardHookFunction.apply(*tensors)`: how `nn.Module` full backward hooks
+    (`register_full_backward_hook`, `..._pre_hook`) capture a module's input and output
+    gradients. The identity runs on the shards (torch finds its node as the outputs' `grad_fn`,
+    which the rules answer from the shard) and the node's `register_hook` is wrapped so the
+    module's hooks see the gradients as ShardedTensors laid out like the tensors (a partial
+    value's: replicated, the gradient of the sum) and may return them so, or as plain full
+    values."""
+    layouts = [(REPLICA if a._spec.is_partial else a._spec, a._pg, a._gshape)
+               if type(a) is ST else None for a in args]
+    outs = _ORIG_APPLY(_BackwardHookFunction, *[a._local if type(a) is ST else a for a in args])
+    node = next((o.grad_fn for o in outs if o.grad_fn is not None), None)
+    if node is not None:
+        register = node.register_hook
+
+        def present(grads):
+            return tuple(g if g is None or lay is None else wrap(g, *lay)
+                         for g, lay in zip(grads, layouts))
+
+        def register_hook(fn):
+            def on_shards(grad_inputs, grad_outputs):
+                res = fn(present(grad_inputs), present(grad_outputs))
+                if res is None:
+                    return None
+                return tuple(g if g is None or lay is None else to_layout(g, lay[0], lay[1])
+                             for g, lay in zip(res, layouts))
+            return register(on_shards)
+        node.register_hook = register_hook
+    return tuple(wrap(o, a._spec, a._pg, a._gshape, a._compute_spec) if type(a) is ST else o
+                 for o, a in zip(outs, args))
+
+
 def _apply(cls, *args, **kwargs):
     if _torch_plumbing(cls):
+        if cls is _BackwardHookFunction and any(type(a) is ST for a in args):
+            return _module_hook_apply(args)
         return _ORIG_APPLY(cls, *args, **kwargs)
     for a in (args + tuple(kwargs.values()) if kwargs else args):
         if type(a) is ST:

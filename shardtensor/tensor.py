@@ -247,7 +247,10 @@ class ShardedTensor(torch.Tensor):
             return number(args[0])  # parser (torch.arange(n), n from generate's bookkeeping)
         raise RuntimeError(f"shardtensor: the aten op {func} reached ShardedTensor's "
                            f"__torch_dispatch__; some torch function bypassed the sharding "
-                           f"rules. Please report this with the code that ran.")
+                           f"rules. torch.func transforms (grad, vmap, jacrev, ...) do so: they "
+                           f"run below __torch_function__ and cannot take ShardedTensors (use "
+                           f"torch.autograd.grad / .backward()). Otherwise, please report this "
+                           f"with the code that ran.")
 
 
 _REPLICA = ReplicaSpec()
@@ -267,8 +270,14 @@ def number(x: "ShardedTensor"):
 _COPY_VIEWS: dict = {}
 
 
+# `idx` for a copy standing for `base.view(shape)` (view.py: a view the shards cannot present
+# as one): written back by `base.copy_(copy.reshape(base.shape))`
+RESHAPED = object()
+
+
 def copy_view(out: "ShardedTensor", base: torch.Tensor, idx) -> "ShardedTensor":
-    """Register `out`, a copy standing for the view `base[idx]` (see above)."""
+    """Register `out`, a copy standing for the view `base[idx]` (or `base.view(...)` when `idx`
+    is RESHAPED; see above)."""
     import weakref
     key = id(out)
     _COPY_VIEWS[key] = (weakref.ref(out, lambda _r, k=key: _COPY_VIEWS.pop(k, None)), base, idx)
@@ -295,7 +304,10 @@ def _write_back(r, func, args, kwargs):
     entry = _COPY_VIEWS.get(id(args[0]))
     if entry is not None and entry[0]() is args[0] and _inplace(func):
         _, base, idx = entry
-        base[idx] = args[0]
+        if idx is RESHAPED:
+            base.copy_(args[0].reshape(base.shape))
+        else:
+            base[idx] = args[0]
     return out
 
 

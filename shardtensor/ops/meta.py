@@ -36,7 +36,7 @@ _PASSTHROUGH = _getters_and_methods("""
 # questions about dtype or device only: the shard answers them (no disabling context needed)
 _ON_SHARD = _getters_and_methods("""
     is_floating_point is_complex element_size is_cuda is_cpu is_meta is_signed itemsize
-    get_device is_xpu is_mps is_quantized is_sparse is_inference
+    get_device is_xpu is_mps is_quantized is_sparse is_inference is_shared is_pinned
 """) + [torch.is_floating_point, torch.is_complex]
 _PASSTHROUGH = [f for f in _PASSTHROUGH if f not in _ON_SHARD]
 
@@ -120,12 +120,26 @@ def get_data(func, args, kwargs):
 
 @rule(T.data.__set__)
 def set_data(func, args, kwargs):
+    """`x.data = new` with `new` of x's global shape: x keeps its layout and takes new's values
+    (and dtype/device). A ShardedTensor laid out like x gives its shard (shared, as serial's
+    `.data` shares); one laid out otherwise is redistributed, and a plain tensor (a replicated
+    value: `vector_to_parameters`, `p.data = full_weight`) gives this rank's piece, copied
+    when sharded (the parameter must not keep the full tensor alive)."""
     x, new = args
-    if type(new) is not ST or new._spec != x._spec or new._gshape != x._gshape:
+    if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(x._gshape):
+        what = (f"shape {tuple(new.shape)}" if isinstance(new, torch.Tensor)
+                else type(new).__name__)
         raise ShardingError(f"setting .data of a ShardedTensor with {x._spec!r} and shape "
-                            f"{tuple(x._gshape)} needs a ShardedTensor of the same layout and "
-                            f"shape")
-    x._local.data = new._local
+                            f"{tuple(x._gshape)} needs a tensor of that global shape, got "
+                            f"{what}")
+    if type(new) is ST and new._spec == x._spec:
+        local = new._local
+    else:
+        with torch.no_grad():
+            local = to_layout(new.detach(), x._spec, x._pg, func)
+        if type(new) is not ST and x._spec.is_shard:
+            local = local.clone()
+    x._local.data = local
     _refresh_wrapper(x)
 
 
@@ -135,7 +149,10 @@ def compatible_shallow_copy(func, args, kwargs):
     `param.data = converted`: two ShardedTensors are compatible (the `.data` setter keeps the
     parameter object and converts its shard); a ShardedTensor and a plain tensor are not."""
     a, b = args[0], args[1]
-    return type(a) is ST and type(b) is ST
+    # and only where the shards are (a move to or from the meta device is not: torch then gives
+    # the module a new Parameter, as serially)
+    return (type(a) is ST and type(b) is ST
+            and torch._has_compatible_shallow_copy_type(a._local, b._local))
 
 
 def _refresh_wrapper(x) -> None:

@@ -1,8 +1,9 @@
-"""Memory: `untyped_storage()`, `storage()`, `data_ptr()`. A replicated tensor's shard is the
-whole tensor, so its memory is the answer. A sharded (or partial) tensor has no memory holding
-its global value: its shard's storage under the global shape would let code that reads bytes
-through it (safetensors, HF `save_pretrained`, numpy via ctypes) write or read one rank's shard
-as if it were the whole tensor, so these raise, naming how to save a parallelized model."""
+"""Memory: `untyped_storage()`, `storage()`, `data_ptr()`, `share_memory_()`. A replicated
+tensor's shard is the whole tensor, so its memory is the answer. A sharded (or partial) tensor
+has no memory holding its global value: its shard's storage under the global shape would let
+code that reads bytes through it (safetensors, HF `save_pretrained`, numpy via ctypes) write or
+read one rank's shard as if it were the whole tensor, so these raise, naming how to save a
+parallelized model. `share_memory_()` moves the shard (what the tensor holds) to shared memory."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +30,12 @@ def memory(func, args, kwargs):
         f"state_dict=shardtensor.full_state_dict(model), "
         f"is_main_process=(torch.distributed.get_rank() == 0)); for one tensor use t.full() or "
         f"t.to_local()")
+
+
+@rule(T.share_memory_)
+def share_memory_(func, args, kwargs):
+    """`model.share_memory()` (Hogwild-style workers): the shard moves to shared memory (every
+    rank shares its own shard with its children); the tensor object is kept."""
+    x = args[0]
+    x._local.share_memory_()
+    return x

@@ -16,6 +16,7 @@ import torch
 
 from ..dispatch import UnsupportedOpError
 from ..spec import local_shape, part_sizes
+from ..tensor import RESHAPED, copy_view
 from ._util import REPLICA, ST, ShardSpec, shard_spec, remember, rule, to_layout, wrap
 
 T = torch.Tensor
@@ -123,7 +124,7 @@ def reshape_to(x, oshape, func, view: bool):
         try:
             local = local.view(lshape) if view else local.reshape(lshape)
         except RuntimeError:   # the shard is a non-contiguous slice where the global tensor is not
-            local = local.reshape(lshape)
+            return _copied_view(wrap(local.reshape(lshape), out, x._pg, oshape), x, view)
         return wrap(local, out, x._pg, oshape)
     oshape = _infer(oshape, prod(gshape), "view")
     out, local_ok = reshape_plan(tuple(gshape), spec, oshape)
@@ -135,10 +136,20 @@ def reshape_to(x, oshape, func, view: bool):
         try:
             local = local.view(lshape) if view else local.reshape(lshape)
         except RuntimeError:   # the shard is a non-contiguous slice where the global tensor is not
-            local = local.reshape(lshape)
+            return _copied_view(wrap(local.reshape(lshape), out, x._pg, oshape), x, view)
         return wrap(local, out, x._pg, oshape)
     full = to_layout(x, REPLICA, x._pg, func).reshape(oshape)
-    return wrap(to_layout(full, out, x._pg, func), out, x._pg, oshape)
+    local = to_layout(full, out, x._pg, func)
+    if view and local._base is not None:   # (a view of a collective's output cannot be
+        local = local.clone()              # written in place under autograd)
+    return _copied_view(wrap(local, out, x._pg, oshape), x, view)
+
+
+def _copied_view(out, x, view: bool):
+    """`out`, computed as a copy where serial code gets the view `x.view(shape)`: registered
+    so that an in-place op on it is written back into x (tensor.copy_view; orthogonal_ fills a
+    weight through `weight.view_as(q).copy_(q)`). A reshape may copy in serial code too."""
+    return copy_view(out, x, RESHAPED) if view else out
 
 
 @rule(T.view)
@@ -246,6 +257,33 @@ def transpose(func, args, kwargs):
 def t(func, args, kwargs):
     x = args[0]
     return _permuted(x, x._local.t(), _swap_perm(len(x._gshape), 0, -1))
+
+
+_OWN = ("_local", "_spec", "_pg", "_gshape", "_compute_spec", "_grad_wrapper", "_col", "_f")
+
+
+@rule(*[f for f in (getattr(T, n, None) for n in ("t_", "transpose_", "swapdims_", "swapaxes_"))
+        if f is not None])
+def transpose_(func, args, kwargs):
+    """In place (`nn.init.orthogonal_` of a wide matrix): the shard is transposed in place and
+    the same tensor object presents the transposed tensor (its layout's dim moved with it)."""
+    x = args[0]
+    nd = len(x._gshape)
+    if func is T.t_:
+        x._local.t_()   # torch's own checks (at most 2-D, a leaf that requires grad)
+        perm = _swap_perm(nd, 0, -1) if nd == 2 else tuple(range(nd))
+    else:
+        a = args[1] if len(args) > 1 else kwargs.get("dim0", kwargs.get("axis0"))
+        b = args[2] if len(args) > 2 else kwargs.get("dim1", kwargs.get("axis1"))
+        x._local.transpose_(a, b)
+        perm = _swap_perm(nd, a, b)
+    moved = _permuted(x, x._local, perm)
+    if x._compute_spec is not None:
+        moved.__dict__["_compute_spec"] = x._compute_spec
+    # the wrapper's own sizes are the global shape's: the object takes a fresh wrapper's
+    moved.__dict__.update({k: v for k, v in x.__dict__.items() if k not in _OWN})
+    torch.utils.swap_tensors(x, moved)
+    return x
 
 
 def _t_property(x, reverse: bool, conj: bool):

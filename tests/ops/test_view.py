@@ -340,18 +340,82 @@ def test_plain_view_as_sharded_is_plain_serial_view(world, data):
 
 def _vector_to_parameters(rank):
     """torch.nn.utils.vector_to_parameters views slices of a plain vector as the (sharded)
-    parameters, then stops at `param.data = plain` with a ShardingError that says why."""
+    parameters and assigns them with `param.data = plain`: the parameters keep their layout and
+    take the serial values (a ShardingError before)."""
     pg = st.ProcessGroup()
     lin = torch.nn.Linear(6, 8).double()
+    ref = torch.nn.Linear(6, 8).double()
     st.split_row(lin.weight, pg)
     vec = torch.arange(8 * 6 + 8, dtype=torch.float64)
-    with pytest.raises(st.ShardingError) as err:
-        torch.nn.utils.vector_to_parameters(vec, lin.parameters())
-    return str(err.value)
+    torch.nn.utils.vector_to_parameters(vec, lin.parameters())
+    torch.nn.utils.vector_to_parameters(vec.clone(), ref.parameters())
+    return (lin.weight.spec, torch.equal(lin.weight.full(), ref.weight),
+            torch.equal(lin.bias, ref.bias))
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_vector_to_parameters_stops_with_a_clear_error(world):
-    for msg in run(world, _vector_to_parameters):
-        assert "setting .data of a ShardedTensor with ShardSpec(dim=0" in msg, msg
-        assert "shape (8, 6) needs a ShardedTensor of the same layout" in msg, msg
+def test_vector_to_parameters_keeps_the_layout(world):
+    for spec, w, b in run(world, _vector_to_parameters):
+        assert spec == st.ShardSpec(0, world) and w and b
+
+
+# --- writing through views the shards cannot present as views ---------------------------------
+
+_WRITES = {
+    "copy_": lambda v: v.copy_(torch.arange(float(v.numel()), dtype=v.dtype).reshape(v.shape)),
+    "add_": lambda v: v.add_(1.5),
+    "mul_": lambda v: v.mul_(-2.0),
+    "fill_": lambda v: v.fill_(3.0),
+    "setitem": lambda v: v.__setitem__(..., 4.0),
+}
+
+
+def _view_write_through(rank, shape, spec, oshape, write, seed):
+    """x.view(oshape).<write> on serial and sharded x: x's values, and (x a non-leaf with
+    history) the gradient reaching the leaf; x also as a from_global tensor, whose shard is a
+    non-contiguous slice of the full tensor."""
+    pg = st.ProcessGroup()
+    torch.manual_seed(seed)
+    leaf = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(shape, dtype=torch.float64)
+    sleaf = st.ShardedTensor.from_global(leaf, pg, spec)
+    vals, grads = [], []
+    for x in (leaf * 2, sleaf * 2):
+        _WRITES[write](x.view(oshape))
+        full = x.full() if isinstance(x, st.ShardedTensor) else x
+        (full * w).sum().backward()
+        vals.append(full.detach())
+        grads.append(leaf.grad.clone())
+        leaf.grad = None
+    plain = leaf.detach().clone()
+    sx = st.ShardedTensor.from_global(plain.clone(), pg, spec)
+    _WRITES[write](plain.view(oshape))
+    _WRITES[write](sx.view(oshape))
+    return ((vals[0] - vals[1]).abs().max().item(), (grads[0] - grads[1]).abs().max().item(),
+            (sx.full() - plain).abs().max().item())
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@given(data=hs.data())
+def test_writes_into_views_reach_the_tensor(world, data):
+    """Serial x.view(shape) shares x's memory. Where the shards cannot present it as a view (a
+    merge or split of the sharded dim off the shard boundaries, or a from_global shard that is
+    a non-contiguous slice) the result is a copy that writes back into x; before, such writes
+    were silently lost (nn.init.orthogonal_ of a 3-D weight sharded unevenly left it unchanged)."""
+    shape = data.draw(shapes(min_dims=2, max_dims=4, min_side=1, max_side=5), "shape")
+    dim = data.draw(hs.integers(0, len(shape) - 1), "dim")
+    stride = data.draw(hs.sampled_from([s for s in (1, 2, 3) if shape[dim] % s == 0]), "stride")
+    spec = st.ShardSpec(dim, world, stride)
+    a = data.draw(hs.integers(0, len(shape) - 2), "merge from")
+    b = data.draw(hs.integers(a + 1, len(shape) - 1), "merge to")
+    merged = shape[:a] + (math.prod(shape[a:b + 1]),) + shape[b + 1:]
+    oshape = merged if data.draw(hs.booleans(), "merge") else None
+    if oshape is None:   # split a dim in two where it factors
+        k = data.draw(hs.integers(0, len(shape) - 1), "split")
+        n = shape[k]
+        f = data.draw(hs.sampled_from([d for d in range(1, n + 1) if n % d == 0]), "factor")
+        oshape = shape[:k] + (f, n // f) + shape[k + 1:]
+    write = data.draw(hs.sampled_from(sorted(_WRITES)), "write")
+    for val_err, grad_err, plain_err in run(world, _view_write_through, shape, spec, oshape,
+                                            write, data.draw(hs.integers(0, 99))):
+        assert val_err < 1e-12 and grad_err < 1e-12 and plain_err == 0.0, (oshape, spec)
