@@ -388,3 +388,31 @@ def test_qr_of_a_sharded_matrix_is_serials(world, shape, mode):
         for q, r, g, rep, kinds in run(world, _qr, shape, dim, mode):
             assert q and r and rep and g < 1e-12
             assert kinds <= {"all_gather"}
+
+
+# --- resize_token_embeddings after parallelize: a clear error, nothing changed -------------------
+
+def _resize_after(rank, arch):
+    pg = st.ProcessGroup()
+    serial = build(arch, "sdpa")
+    model = copy.deepcopy(serial)
+    st.parallelize(model, pg)
+    batch = inputs_for(arch)
+    try:
+        model.resize_token_embeddings(70, mean_resizing=False)
+        msg = None
+    except st.UnsupportedOpError as e:
+        msg = str(e)
+    emb = model.get_input_embeddings().weight
+    return (msg, tuple(emb.shape), emb.spec.is_shard, model.config.vocab_size,
+            _rel(model(**batch).loss, serial(**batch).loss))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_resize_token_embeddings_after_parallelize_names_the_fix(world):
+    """The error said only 'writing a sharded value into a plain tensor is not supported',
+    naming neither the op, the layout, nor the known limit (resize before parallelize)."""
+    for msg, shape, sharded, vocab, loss in run(world, _resize_after, "gpt2"):
+        assert msg is not None and "Tensor.__setitem__" in msg and "ShardSpec(dim=0" in msg
+        assert "resize_token_embeddings" in msg and "before shardtensor.parallelize" in msg
+        assert shape == (61, 32) and sharded and vocab == 61 and loss < 1e-5

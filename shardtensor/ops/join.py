@@ -408,8 +408,14 @@ def _pick_partial(x, idx, p):
 def setitem(func, args, kwargs):
     x, idx, v = args[0], _plain_index(args[1], func), args[2]
     if type(x) is not ST:
-        raise UnsupportedOpError("writing a sharded value into a plain tensor is not supported; "
-                                 "write its .full() instead")
+        what = (f"a ShardedTensor with {v._spec!r} and shape {tuple(v._gshape)}"
+                if type(v) is ST else "a value at a ShardedTensor index")
+        raise UnsupportedOpError(
+            f"Tensor.__setitem__: writing {what} into a plain tensor of shape "
+            f"{tuple(x.shape)} is not supported (a plain tensor is a replicated value: it would "
+            f"take the full value on every rank); write its .full() instead. HuggingFace's "
+            f"resize_token_embeddings does this after parallelize: resize before "
+            f"shardtensor.parallelize")
     pg = group_of(func, x, v)
     spec = x._spec
     if not spec.is_shard:   # a partial target takes a partial value: summands add up to v
