@@ -416,3 +416,34 @@ def test_resize_token_embeddings_after_parallelize_names_the_fix(world):
         assert msg is not None and "Tensor.__setitem__" in msg and "ShardSpec(dim=0" in msg
         assert "resize_token_embeddings" in msg and "before shardtensor.parallelize" in msg
         assert shape == (61, 32) and sharded and vocab == 61 and loss < 1e-5
+
+
+# --- torch.func over a parallelized model ---------------------------------------------------------
+
+def _func_grad(rank):
+    pg = st.ProcessGroup()
+    serial, model = _mlp(), _par(_mlp(), pg)
+    x = _x()
+
+    def loss(m):
+        return lambda params: _f(torch.func.functional_call(m, params, (x,))).pow(2).sum()
+    # plain full parameters in place of the sharded ones: the model runs serially, any transform
+    plain = {k: v.detach() for k, v in serial.named_parameters()}
+    ref = torch.func.grad(loss(serial))(plain)
+    got = torch.func.grad(loss(model))(plain)
+    plain_err = max(_rel(got[k], ref[k]) for k in ref)
+    try:
+        torch.func.grad(loss(model))(dict(model.named_parameters()))
+        msg = None
+    except RuntimeError as e:
+        msg = str(e)
+    return plain_err, msg
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_torch_func_transforms_name_themselves(world):
+    """torch.func.grad over sharded parameters reached __torch_dispatch__ with 'please report
+    this': the message now says torch.func transforms run below the rules and what to use."""
+    for plain_err, msg in run(world, _func_grad):
+        assert plain_err < 1e-6
+        assert msg is not None and "torch.func transforms" in msg and "autograd.grad" in msg
