@@ -8,6 +8,7 @@ from .tensor import ShardedTensor
 from . import ops  # registers the rules
 from .function import install as _install_function
 from .optim import install as _install_optim
+from .convert import install as _install_convert
 from .annotate import parallelize, replicate, shard_param, split_col, split_row
 from .plans import register_plan
 from .launch import launch
@@ -18,6 +19,7 @@ from .data_parallel import data_parallel
 
 _install_function()   # custom autograd.Functions on ShardedTensors (see function.py)
 _install_optim()      # elementwise optimizers step on the shards (see optim.py)
+_install_convert()    # vector_to_parameters into plain parameters too (see convert.py)
 
 __version__ = "0.1.0"
 
