@@ -17,7 +17,7 @@ from .spec import ShardSpec, Spec, assemble, shard_spec, local_size, shard_range
 __all__ = [
     "copy_to_region", "reduce_from_region", "gather_from_region", "scatter_to_region",
     "reduce_scatter_to_region", "all_to_all_region", "partial_from_replica",
-    "partial_from_shard", "redistribute_local", "all_reduce_",
+    "partial_from_shard", "replica_from_summand_grads", "redistribute_local", "all_reduce_",
 ]
 
 _all_gather_base = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -129,17 +129,17 @@ def _all_to_all(x: torch.Tensor, src: ShardSpec, dst: ShardSpec, full_shape: Seq
 
 
 # --- autograd Functions ------------------------------------------------------------------------
-
-def _first_order(g: torch.Tensor, name: str) -> None:
-    """The collectives' backward passes are first-order (raw collectives): refuse to build a
-    graph through them (`create_graph=True`: gradient penalties, Hessian-vector products), which
-    would give wrong higher-order gradients."""
-    if torch.is_grad_enabled() and g.requires_grad:
-        raise NotImplementedError(
-            f"shardtensor: a second-order gradient (backward/autograd.grad with "
-            f"create_graph=True) through the tensor-parallel collective {name} is not "
-            f"supported; its backward is first order. Compute the penalty on a "
-            f"non-parallelized model, or at tp=1")
+#
+# Every Function here is linear, so its backward is a linear map too; when a graph is being built
+# through it (`create_graph=True`: gradient penalties, Hessian-vector products, double backward)
+# the backward computes that map with the *conjugate* Function: the one whose forward is this
+# backward and whose backward is this forward (Megatron's f/g pairs): CopyToRegion <->
+# ReduceFromRegion, GatherFromRegion <-> ScatterToRegion, ReduceScatterToRegion <->
+# GatherToSummands, AllToAll(src, dst) <-> AllToAll(dst, src), PartialFromReplica <->
+# ReplicaFromSummandGrads, PartialFromShard <-> ShardOfSummandGrad. Higher orders recurse. The
+# layouts of the cotangents make each pair adjoint: a replicated value's cotangent is one value
+# (the same on every rank), a shard's or a summand's is one per rank. Without a graph the
+# backward runs the raw collective (the first-order fast path: one check more, nothing else).
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -152,7 +152,8 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _first_order(g, "CopyToRegion")
+        if torch.is_grad_enabled() and g.requires_grad:
+            return _ReduceFromRegion.apply(g, ctx.pg, ctx.op, False, "backward"), None, None
         return all_reduce_(g.clone(memory_format=_CONTIGUOUS), ctx.pg, ctx.op, "backward"), None, None
 
 
@@ -160,27 +161,30 @@ class _ReduceFromRegion(torch.autograd.Function):
     """Forward: all-reduce (summands become the replicated sum). Backward: identity."""
 
     @staticmethod
-    def forward(ctx, x, pg, op, inplace):
-        return all_reduce_(x if inplace else x.clone(memory_format=_CONTIGUOUS), pg, op, "forward")
+    def forward(ctx, x, pg, op, inplace, phase):
+        ctx.pg, ctx.op = pg, op
+        return all_reduce_(x if inplace else x.clone(memory_format=_CONTIGUOUS), pg, op, phase)
 
     @staticmethod
     def backward(ctx, g):
-        _first_order(g, "ReduceFromRegion")
-        return g, None, None, None
+        if torch.is_grad_enabled() and g.requires_grad:
+            return _CopyToRegion.apply(g, ctx.pg, ctx.op), None, None, None, None
+        return g, None, None, None, None
 
 
 class _GatherFromRegion(torch.autograd.Function):
     """Forward: all-gather the shards of `spec.dim`. Backward: keep this rank's shard."""
 
     @staticmethod
-    def forward(ctx, x, spec, n, pg, op):
-        ctx.spec, ctx.pg = spec, pg
-        return _all_gather(x, spec, n, pg, op, "forward")
+    def forward(ctx, x, spec, n, pg, op, phase):
+        ctx.spec, ctx.pg, ctx.op = spec, pg, op
+        return _all_gather(x, spec, n, pg, op, phase)
 
     @staticmethod
     def backward(ctx, g):
-        _first_order(g, "GatherFromRegion")
-        return take_shard(g, ctx.spec, ctx.pg.tp_local_rank()), None, None, None, None
+        if torch.is_grad_enabled() and g.requires_grad:
+            return _ScatterToRegion.apply(g, ctx.spec, ctx.pg, ctx.op), None, None, None, None, None
+        return take_shard(g, ctx.spec, ctx.pg.tp_local_rank()), None, None, None, None, None
 
 
 class _ScatterToRegion(torch.autograd.Function):
@@ -194,7 +198,9 @@ class _ScatterToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _first_order(g, "ScatterToRegion")
+        if torch.is_grad_enabled() and g.requires_grad:
+            return (_GatherFromRegion.apply(g, ctx.spec, ctx.n, ctx.pg, ctx.op, "backward"),
+                    None, None, None)
         return _all_gather(g, ctx.spec, ctx.n, ctx.pg, ctx.op, "backward"), None, None, None
 
 
@@ -202,29 +208,51 @@ class _ReduceScatterToRegion(torch.autograd.Function):
     """Forward: reduce-scatter summands into shards. Backward: all-gather."""
 
     @staticmethod
-    def forward(ctx, x, spec, pg, op):
+    def forward(ctx, x, spec, pg, op, phase):
         ctx.spec, ctx.pg, ctx.op, ctx.n = spec, pg, op, x.shape[spec.dim]
-        return _reduce_scatter(x, spec, pg, op, "forward")
+        return _reduce_scatter(x, spec, pg, op, phase)
 
     @staticmethod
     def backward(ctx, g):
-        _first_order(g, "ReduceScatterToRegion")
-        return _all_gather(g, ctx.spec, ctx.n, ctx.pg, ctx.op, "backward"), None, None, None
+        if torch.is_grad_enabled() and g.requires_grad:
+            return (_GatherToSummands.apply(g, ctx.spec, ctx.n, ctx.pg, ctx.op),
+                    None, None, None, None)
+        return _all_gather(g, ctx.spec, ctx.n, ctx.pg, ctx.op, "backward"), None, None, None, None
+
+
+class _GatherToSummands(torch.autograd.Function):
+    """ReduceScatterToRegion's conjugate (only built in a backward that builds a graph): forward
+    all-gather the shards, the result taken as every rank's summand; backward reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, spec, n, pg, op):
+        ctx.spec, ctx.pg, ctx.op = spec, pg, op
+        return _all_gather(x, spec, n, pg, op, "backward")
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled() and g.requires_grad:
+            return (_ReduceScatterToRegion.apply(g, ctx.spec, ctx.pg, ctx.op, "backward"),
+                    None, None, None, None)
+        return _reduce_scatter(g, ctx.spec, ctx.pg, ctx.op, "backward"), None, None, None, None
 
 
 class _AllToAll(torch.autograd.Function):
     """Forward: Shard(src.dim) -> Shard(dst.dim) by all-to-all. Backward: the reverse."""
 
     @staticmethod
-    def forward(ctx, x, src, dst, full_shape, pg, op):
+    def forward(ctx, x, src, dst, full_shape, pg, op, phase):
         ctx.args = (src, dst, full_shape, pg, op)
-        return _all_to_all(x, src, dst, full_shape, pg, op, "forward")
+        return _all_to_all(x, src, dst, full_shape, pg, op, phase)
 
     @staticmethod
     def backward(ctx, g):
-        _first_order(g, "AllToAll")
         src, dst, full_shape, pg, op = ctx.args
-        return _all_to_all(g, dst, src, full_shape, pg, op, "backward"), None, None, None, None, None
+        if torch.is_grad_enabled() and g.requires_grad:
+            return (_AllToAll.apply(g, dst, src, full_shape, pg, op, "backward"),
+                    None, None, None, None, None, None)
+        return (_all_to_all(g, dst, src, full_shape, pg, op, "backward"),
+                None, None, None, None, None, None)
 
 
 class _PartialFromReplica(torch.autograd.Function):
@@ -233,12 +261,42 @@ class _PartialFromReplica(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pg):
+        ctx.pg = pg
         return x.clone() if pg.tp_local_rank() == 0 else torch.zeros_like(x)
 
     @staticmethod
     def backward(ctx, g):
-        _first_order(g, "PartialFromReplica")
+        if torch.is_grad_enabled() and g.requires_grad:
+            return _ReplicaFromSummandGrads.apply(g, ctx.pg), None
         return g, None
+
+
+class _ReplicaFromSummandGrads(torch.autograd.Function):
+    """Summands' gradients (equal on every rank: the gradient of their sum) taken as the one
+    replicated gradient. Forward: identity. Backward: rank 0's summand gets the cotangent, the
+    others zeros (counted once; PartialFromReplica's forward). PartialFromReplica's conjugate,
+    and how `autograd.grad` presents a summand input's gradient when it builds a graph."""
+
+    @staticmethod
+    def forward(ctx, g, pg):
+        ctx.pg = pg
+        return g.view_as(g)
+
+    @staticmethod
+    def backward(ctx, c):
+        if torch.is_grad_enabled() and c.requires_grad:
+            return _PartialFromReplica.apply(c, ctx.pg), None
+        return (c.clone() if ctx.pg.tp_local_rank() == 0 else torch.zeros_like(c)), None
+
+
+def _place_shard(x, spec, full_shape, rank):
+    """`x` (this rank's shard of `spec.dim`) in zeros of `full_shape`."""
+    out = x.new_zeros(full_shape)
+    ranges = shard_ranges(full_shape[spec.dim], spec.degree, spec.stride, rank)
+    if ranges[0][1]:
+        for (start, length), piece in zip(ranges, torch.split(x, ranges[0][1], spec.dim)):
+            out.narrow(spec.dim, start, length).copy_(piece)
+    return out
 
 
 class _PartialFromShard(torch.autograd.Function):
@@ -248,18 +306,30 @@ class _PartialFromShard(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec, full_shape, pg):
-        ctx.spec, ctx.rank = spec, pg.tp_local_rank()
-        out = x.new_zeros(full_shape)
-        ranges = shard_ranges(full_shape[spec.dim], spec.degree, spec.stride, ctx.rank)
-        if ranges[0][1]:
-            for (start, length), piece in zip(ranges, torch.split(x, ranges[0][1], spec.dim)):
-                out.narrow(spec.dim, start, length).copy_(piece)
-        return out
+        ctx.spec, ctx.shape, ctx.pg, ctx.rank = spec, full_shape, pg, pg.tp_local_rank()
+        return _place_shard(x, spec, full_shape, ctx.rank)
 
     @staticmethod
     def backward(ctx, g):
-        _first_order(g, "PartialFromShard")
+        if torch.is_grad_enabled() and g.requires_grad:
+            return _ShardOfSummandGrad.apply(g, ctx.spec, ctx.shape, ctx.pg), None, None, None
         return take_shard(g, ctx.spec, ctx.rank), None, None, None
+
+
+class _ShardOfSummandGrad(torch.autograd.Function):
+    """PartialFromShard's conjugate: forward this rank's shard of the summands' gradient;
+    backward the shard placed in zeros (this rank's summand)."""
+
+    @staticmethod
+    def forward(ctx, g, spec, full_shape, pg):
+        ctx.spec, ctx.shape, ctx.pg = spec, full_shape, pg
+        return take_shard(g, spec, pg.tp_local_rank()).clone()
+
+    @staticmethod
+    def backward(ctx, c):
+        if torch.is_grad_enabled() and c.requires_grad:
+            return _PartialFromShard.apply(c, ctx.spec, ctx.shape, ctx.pg), None, None, None
+        return _place_shard(c, ctx.spec, ctx.shape, ctx.pg.tp_local_rank()), None, None, None
 
 
 # --- public wrappers (local tensors in, local tensors out) -------------------------------------
@@ -273,13 +343,13 @@ def copy_to_region(x: torch.Tensor, pg, op=None) -> torch.Tensor:
 def reduce_from_region(x: torch.Tensor, pg, op=None, inplace: bool = False) -> torch.Tensor:
     if pg.tp_world_size() == 1:
         return x
-    return _ReduceFromRegion.apply(x, pg, op, inplace)
+    return _ReduceFromRegion.apply(x, pg, op, inplace, "forward")
 
 
 def gather_from_region(x: torch.Tensor, spec: ShardSpec, n: int, pg, op=None) -> torch.Tensor:
     if pg.tp_world_size() == 1:
         return x
-    return _GatherFromRegion.apply(x, spec, n, pg, op)
+    return _GatherFromRegion.apply(x, spec, n, pg, op, "forward")
 
 
 def scatter_to_region(x: torch.Tensor, spec: ShardSpec, pg, op=None) -> torch.Tensor:
@@ -293,14 +363,14 @@ def scatter_to_region(x: torch.Tensor, spec: ShardSpec, pg, op=None) -> torch.Te
 def reduce_scatter_to_region(x: torch.Tensor, spec: ShardSpec, pg, op=None) -> torch.Tensor:
     if pg.tp_world_size() == 1:
         return x
-    return _ReduceScatterToRegion.apply(x, spec, pg, op)
+    return _ReduceScatterToRegion.apply(x, spec, pg, op, "forward")
 
 
 def all_to_all_region(x: torch.Tensor, src: ShardSpec, dst: ShardSpec, full_shape, pg,
                       op=None) -> torch.Tensor:
     if pg.tp_world_size() == 1:
         return x
-    return _AllToAll.apply(x, src, dst, tuple(full_shape), pg, op)
+    return _AllToAll.apply(x, src, dst, tuple(full_shape), pg, op, "forward")
 
 
 def partial_from_replica(x: torch.Tensor, pg) -> torch.Tensor:
@@ -314,6 +384,15 @@ def partial_from_shard(x: torch.Tensor, spec: ShardSpec, full_shape, pg) -> torc
     if pg.tp_world_size() == 1:
         return x
     return _PartialFromShard.apply(x, spec, tuple(full_shape), pg)
+
+
+def replica_from_summand_grads(g: torch.Tensor, pg) -> torch.Tensor:
+    """The gradient of a partial value's summands (the same on every rank: the gradient of the
+    sum) as the one replicated gradient; where it is part of a graph (create_graph=True), its
+    own gradient is counted once (rank 0's summand), not once per rank."""
+    if pg.tp_world_size() == 1 or not g.requires_grad:
+        return g
+    return _ReplicaFromSummandGrads.apply(g, pg)
 
 
 def redistribute_local(x: torch.Tensor, src: Spec, dst: Spec, full_shape, pg, op=None,
@@ -368,10 +447,14 @@ class _ExtremumFromRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _first_order(g, "ExtremumFromRegion")
         x, y = ctx.saved_tensors
         hit = (x == y).to(g.dtype)
         count = all_reduce_(hit.clone(), ctx.pg, ctx.op, "backward")
+        if torch.is_grad_enabled() and g.requires_grad:
+            # the share is piecewise constant in x; as a map of g its adjoint sums the ranks'
+            # shares of the cotangents: CopyToRegion's all-reduce
+            share = hit / count.clamp_min(1)
+            return _CopyToRegion.apply(g, ctx.pg, ctx.op) * share, None, None, None
         return g * hit / count.clamp_min(1), None, None, None
 
 

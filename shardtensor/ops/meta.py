@@ -7,6 +7,7 @@ import copy
 
 import torch
 
+from ..collectives import replica_from_summand_grads
 from ._util import REPLICA, ST, ShardingError, rule, to_layout, unwrap, wrap
 
 _DisableTF = torch._C.DisableTorchFunctionSubclass
@@ -226,7 +227,10 @@ def autograd_grad(func, args, kwargs):
     out = []
     for i, g in zip(ins, res):
         if g is not None and type(i) is ST:
-            g = wrap(g, REPLICA if i._spec.is_partial else i._spec, i._pg, i._gshape)
+            if i._spec.is_partial:
+                g = wrap(replica_from_summand_grads(g, i._pg), REPLICA, i._pg, i._gshape)
+            else:
+                g = wrap(g, i._spec, i._pg, i._gshape)
         out.append(g)
     return dict(zip(inputs.keys(), out)) if as_dict else tuple(out)
 
