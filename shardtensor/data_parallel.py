@@ -79,30 +79,42 @@ class GradSync:
         return hook
 
     def _launch(self, b: int):
-        grads = []
-        for i in self.buckets[b]:
+        grads, missing = [], []
+        for k, i in enumerate(self.buckets[b]):
             t = self.leaves[i]
-            if t.grad is None:  # unused in this step: contributes zeros, like DDP's find_unused
+            if t.grad is None:  # unused in this step (or frozen): contributes zeros
                 t.grad = torch.zeros_like(t)
+                missing.append(k)
             grads.append(t.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        # one flag per parameter, summed with the gradients: how many replicas had a gradient.
+        # A parameter no replica used gets grad None back, as serially and in DDP, so that the
+        # optimizer skips it rather than stepping on zeros (weight decay, momentum would move it)
+        used = torch.ones(len(grads), dtype=grads[0].dtype, device=grads[0].device)
+        if missing:
+            used[missing] = 0
+        flat = torch.cat([g.reshape(-1) for g in grads] + [used])
         if _trace._ACTIVE:
             _trace.record("all_reduce", flat.numel() * flat.element_size(), self.size,
                           "data_parallel", "backward")
         work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self.works.append((work, flat, grads))
+        self.works.append((work, flat, grads, b, missing))
 
     def _finish(self):
         while self.next_bucket < len(self.buckets):
             self._launch(self.next_bucket)
             self.next_bucket += 1
-        for work, flat, grads in self.works:
+        for work, flat, grads, b, missing in self.works:
             work.wait()
             flat.div_(self.size)
             off = 0
             for g in grads:
                 g.copy_(flat[off: off + g.numel()].view_as(g))
                 off += g.numel()
+            if missing:   # (only a parameter this replica did not use can be unused by all)
+                counts = flat[off:][missing].tolist()
+                for k, c in zip(missing, counts):
+                    if c == 0:
+                        self.leaves[self.buckets[b][k]].grad = None
         self._reset()
 
     @contextlib.contextmanager

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import shardtensor as st
@@ -78,3 +79,68 @@ def test_two_torchrun_nodes_over_loopback():
     out = json.loads(line[len("RESULT "):])
     assert out["world"] == 4
     _check(out)
+
+
+def _mlp(pg=None):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.GELU(), torch.nn.Linear(7, 5),
+                            torch.nn.Linear(5, 3)).double()
+    if pg is not None:
+        st.split_row(m[0].weight, pg)
+        st.split_row(m[0].bias, pg)
+        st.split_col(m[2].weight, pg)
+        st.replicate(m[2].bias, pg)
+    return m
+
+
+def _half_loss(m, x, head):
+    h = m[2](m[1](m[0](x)))
+    h = h.full() if isinstance(h, st.ShardedTensor) else h
+    return (m[3](h) if head else h).pow(2).mean()
+
+
+def _unused_params(rank, optname, mode):
+    """Serial on the global batch of 8 (loss: the mean of its two halves' losses) beside tp 2 x
+    dp 2 (each replica one half); the last layer is left out of some steps: by both halves
+    ("skip"), by the second half only ("half"), or frozen from step 2 ("freeze")."""
+    pg = st.ProcessGroup(tp_degree=2, dp_degree=2)
+    me = pg.dp_local_rank()
+    out = {}
+    for tag in ("serial", "parallel"):
+        m = _mlp(None if tag == "serial" else pg)
+        sync = st.data_parallel(m, pg) if tag == "parallel" else None
+        opt = (torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1) if optname == "AdamW"
+               else torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=0.1))
+        nones = []
+        for step in range(4):
+            opt.zero_grad()
+            if mode == "freeze" and step == 2:
+                m[3].weight.requires_grad_(False)
+            halves = torch.randn(8, 6, dtype=torch.float64,
+                                 generator=torch.Generator().manual_seed(step)).chunk(2)
+            heads = [not (mode == "skip" and step in (1, 2)),
+                     not (mode in ("skip", "half") and step in (1, 2))]
+            if tag == "serial":
+                (sum(_half_loss(m, x, hd) for x, hd in zip(halves, heads)) / 2).backward()
+            else:
+                _half_loss(m, halves[me], heads[me]).backward()
+            nones.append([p.grad is None for p in m.parameters()])
+            opt.step()
+        out[tag] = ([(p.full() if isinstance(p, st.ShardedTensor) else p).detach()
+                     for p in m.parameters()], nones)
+        if sync is not None:
+            sync.remove()
+    return out
+
+
+@pytest.mark.parametrize("mode", ("skip", "half", "freeze"))
+@pytest.mark.parametrize("optname", ("AdamW", "SGD"))
+def test_a_parameter_no_replica_used_keeps_no_gradient(optname, mode):
+    """A parameter without a gradient on every replica (left out of a step, or frozen) was given
+    a zero gradient: AdamW's weight decay and SGD's momentum then moved it where serial (and
+    DDP) skip it (3e-2 off after 4 steps). Used by one replica only, it gets the average."""
+    for out in run(4, _unused_params, optname, mode):
+        (sp, snone), (pp, pnone) = out["serial"], out["parallel"]
+        assert pnone == snone
+        for a, b in zip(pp, sp):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
