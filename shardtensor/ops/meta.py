@@ -236,23 +236,29 @@ def autograd_grad(func, args, kwargs):
 
 
 def _grad_local(out, g):
+    """This rank's part of the gradient `g` given for `out`: laid out like `out`, but for a
+    partial `out` replicated (each summand's gradient is the whole sum's)."""
+    if type(out) is not ST:
+        return to_layout(g, REPLICA, g._pg) if type(g) is ST else g
+    gspec = REPLICA if out._spec.is_partial else out._spec
     if type(g) is ST:
-        return g._local if g._spec == out._spec else g.redistribute(out._spec)._local
-    if type(out) is ST and out._spec.is_shard:
+        return g._local if g._spec == gspec else to_layout(g, gspec, g._pg)
+    if gspec.is_shard:
         from ..spec import take_shard
-        return take_shard(g, out._spec, out._pg.tp_local_rank())
+        return take_shard(g, gspec, out._pg.tp_local_rank())
     return g
 
 
 @rule(T.register_hook)
 def register_hook(func, args, kwargs):
-    """A hook on a ShardedTensor sees (and may replace) the gradient as a ShardedTensor."""
+    """A hook on a ShardedTensor sees (and may replace) the gradient as a ShardedTensor, laid
+    out like the tensor (a partial tensor's: replicated, the gradient of the sum)."""
     x, hook = args[0], args[1] if len(args) > 1 else kwargs["hook"]
-    spec, pg, shape = x._spec, x._pg, x._gshape
+    spec, pg, shape = (REPLICA if x._spec.is_partial else x._spec), x._pg, x._gshape
 
     def local_hook(g):
         out = hook(wrap(g, spec, pg, shape))
-        return None if out is None else unwrap(out)
+        return None if out is None else to_layout(out, spec, pg)
     return x._local.register_hook(local_hook)
 
 
