@@ -206,11 +206,12 @@ def test_model_hessian_vector_product(world, arch):
 
 # --- (4) a vocab-parallel embedding and cross entropy: penalties on the embedding output ------
 
-def _vocab_model(V, H, eps, seed, pg=None, stride=1):
+def _vocab_model(V, H, eps, target, seed, pg=None, stride=1):
     """Embedding(V, H) vocab parallel -> tanh -> Linear(H, V) column parallel (logits sharded
-    over the vocabulary) -> cross entropy (label smoothing eps, an ignored target); loss plus
-    ||d loss / d e||^2 for the embedding output e (a partial value when sharded) plus the
-    parameters' ||d loss / d p||^2."""
+    over the vocabulary) -> cross entropy (label smoothing eps; class targets with an ignored
+    one, class targets with class weights, or probability targets); loss plus ||d loss / d e||^2
+    for the embedding output e (a partial value when sharded) plus the parameters'
+    ||d loss / d p||^2."""
     torch.manual_seed(seed)
     emb = torch.nn.Embedding(V, H).double()
     head = torch.nn.Linear(H, V, bias=False).double()
@@ -219,27 +220,32 @@ def _vocab_model(V, H, eps, seed, pg=None, stride=1):
     ids = torch.randint(0, V, (3, 4))
     labels = torch.randint(0, V, (3, 4))
     labels[0, 1] = -100
+    weight = torch.rand(V, dtype=torch.float64) + 0.5 if target == "weighted" else None
+    if target == "probs":
+        labels = torch.softmax(torch.randn(3, 4, V, dtype=torch.float64), -1)
     e = emb(ids)
     logits = head(torch.tanh(e * 1.0))      # e itself stays a partial value
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), label_smoothing=eps)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(0, 1), weight,
+                           label_smoothing=eps)
     params = [emb.weight, head.weight]
     ge, *gp = torch.autograd.grad(loss, [e] + params, create_graph=True)
     (loss + ge.pow(2).sum() + sum(g.pow(2).sum() for g in gp)).backward()
     return [_full(loss).detach(), _full(ge).detach()] + [_full(p.grad) for p in params]
 
 
-def _vocab_rank(rank, V, H, eps, seed, stride):
-    return _vocab_model(V, H, eps, seed, st.ProcessGroup(), stride)
+def _vocab_rank(rank, V, H, eps, target, seed, stride):
+    return _vocab_model(V, H, eps, target, seed, st.ProcessGroup(), stride)
 
 
 @pytest.mark.parametrize("world", WORLDS)
 @given(V=hs.integers(3, 13), H=hs.integers(1, 6), eps=hs.sampled_from([0.0, 0.1]),
-       stride=hs.sampled_from([1, 2]), seed=hs.integers(0, 2 ** 16))
-def test_vocab_parallel_embedding_and_cross_entropy(world, V, H, eps, stride, seed):
+       target=hs.sampled_from(["classes", "weighted", "probs"]), stride=hs.sampled_from([1, 2]),
+       seed=hs.integers(0, 2 ** 16))
+def test_vocab_parallel_embedding_and_cross_entropy(world, V, H, eps, target, stride, seed):
     if V % stride:
         stride = 1
-    ref = _vocab_model(V, H, eps, seed)
-    for out in run(world, _vocab_rank, V, H, eps, seed, stride):
+    ref = _vocab_model(V, H, eps, target, seed)
+    for out in run(world, _vocab_rank, V, H, eps, target, seed, stride):
         for k, (a, b) in enumerate(zip(out, ref)):
             assert _rel(a, b) < TOL, (k, _rel(a, b))
 
@@ -257,6 +263,8 @@ REDUCTIONS = {
     "norm": lambda x, d: x.norm(dim=d, keepdim=True),
     "var": lambda x, d: x.var(d, keepdim=True),
     "mean": lambda x, d: x.mean(d, keepdim=True),
+    "layer_norm": lambda x, d: F.layer_norm(x, x.shape[d:]),   # allreduce_for_shards
+    "rms_norm": lambda x, d: F.rms_norm(x, x.shape[d:]),
 }
 
 
