@@ -1,7 +1,9 @@
 """Autograd-aware collectives on local shards: Megatron's f/g pairs and their relatives.
 
 Each is a small `torch.autograd.Function` whose name says what it does forward; its backward is
-the conjugate collective. Every collective issued reports to `CommTrace`. A group of one rank
+the conjugate collective, itself run as the conjugate Function when the backward builds a graph
+(`create_graph=True`), so gradients of any order are exact. Every collective issued reports to
+`CommTrace`. A group of one rank
 communicates nothing. `redistribute_local` moves a local shard between any two layouts.
 """
 from __future__ import annotations
