@@ -314,3 +314,28 @@ def test_reductions_over_the_sharded_dim(world, data):
     for out in run(world, _reduction_rank, shape, name, spec, seed):
         for k, (a, b) in enumerate(zip(out, ref)):
             assert _rel(a, b) < TOL, (k, _rel(a, b))
+
+
+# --- non-reentrant activation checkpointing ----------------------------------------------------
+
+def _checkpointed_penalty(pg=None):
+    from torch.utils.checkpoint import checkpoint
+    fc1, fc2, x, t, mlp = _mlp((5, 8, 3), "tanh", 0, pg)
+    loss = F.mse_loss(checkpoint(mlp, x, use_reentrant=False), t)
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    (loss + gx.pow(2).sum()).backward()
+    return _mlp_grads(fc1, fc2, x)
+
+
+def _checkpointed_rank(rank):
+    return _checkpointed_penalty(st.ProcessGroup())
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_input_penalty_through_non_reentrant_checkpoint(world):
+    """The recomputed block's collectives take the double backward too (reentrant checkpoint
+    refuses autograd.grad serially; with ShardedTensors its bridge refuses create_graph)."""
+    ref = _checkpointed_penalty()
+    for out in run(world, _checkpointed_rank):
+        for k, (a, b) in enumerate(zip(out, ref)):
+            assert _rel(a, b) < TOL, (k, _rel(a, b))
