@@ -86,12 +86,6 @@ class _Bridge(_Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise NotImplementedError(
-                "shardtensor: a second-order gradient (backward/autograd.grad with "
-                "create_graph=True) through a custom autograd.Function called on ShardedTensors "
-                "is not supported; its bridge to the shards is first order")
-        ctx.saved_tensors   # noqa: B018 (the checks above)
         call = ctx.call
         if call.checkpoint and not torch.autograd._is_checkpoint_valid():
             raise RuntimeError(   # serial's reentrant checkpoint raises it in its backward
@@ -99,6 +93,12 @@ class _Bridge(_Function):
                 "passing an `inputs` parameter to .backward(). To resolve this error, you can "
                 "either set use_reentrant=False, or call .backward() without passing the "
                 "`inputs` argument.")
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "shardtensor: a second-order gradient (backward/autograd.grad with "
+                "create_graph=True) through a custom autograd.Function called on ShardedTensors "
+                "is not supported; its bridge to the shards is first order")
+        ctx.saved_tensors   # noqa: B018 (the checks above)
         outs, gouts = [], []
         for o, g in zip(call.outs, grads):
             if g is None:

@@ -503,7 +503,10 @@ def _checkpoint_inputs(rank):
         res[name] = (_error(lambda: _full(checkpoint(blk, x, use_reentrant=True)).sum()
                             .backward(inputs=[x])),
                      _error(lambda: torch.autograd.grad(
-                         _full(checkpoint(blk, x, use_reentrant=True)).sum(), x)))
+                         _full(checkpoint(blk, x, use_reentrant=True)).sum(), x)),
+                     _error(lambda: torch.autograd.grad(   # a penalty's first step
+                         _full(checkpoint(blk, x, use_reentrant=True)).sum(), x,
+                         create_graph=True)))
     return res
 
 
