@@ -364,6 +364,37 @@ def test_global_matrix_inits_equal_serial(world, name, shape):
             assert r == (True,) * 6, (dim, r)
 
 
+
+def _transpose_registered_copy(rank, name):
+    """t_/transpose_ of a copy standing for a view (x.view(4, 6) of a column-sharded (6, 4): the
+    shards cannot present it, so it is a copy registered, by weak reference, to write back)."""
+    pg = st.ProcessGroup()
+    full = torch.arange(24, dtype=torch.float64).reshape(6, 4)
+    x = st.ShardedTensor.from_global(full, pg, st.ShardSpec(1, pg.tp_world_size()))
+    v = x.view(4, 6)
+    before = (tuple(v.shape), tuple(v._local.shape), v.spec, _v(v).clone())
+    try:
+        INITS[name](v)
+        err = ""
+    except st.UnsupportedOpError as e:
+        err = str(e)
+    after = (tuple(v.shape), tuple(v._local.shape), v.spec, _v(v).clone())
+    return err, before[:3] == after[:3] and torch.equal(before[3], after[3]), \
+        torch.equal(_v(x), full)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["t_", "transpose_"])
+def test_transposing_a_registered_view_copy_in_place_is_refused_changing_nothing(world, name):
+    """swap_tensors refuses a weakly referenced tensor, and it did so after the shard had been
+    transposed in place: a RuntimeError ('Cannot swap t1 because it has weakref ...') left the
+    copy with a transposed shard under the untransposed global shape and layout (its values
+    garbled). Now refused first, naming the op, layout and the out-of-place form."""
+    for err, unchanged, base_kept in run(world, _transpose_registered_copy, name):
+        assert name in err and "ShardSpec" in err and ".t()" in err, err
+        assert unchanged and base_kept
+
+
 def _qr(rank, shape, dim, mode):
     pg = st.ProcessGroup()
     a = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

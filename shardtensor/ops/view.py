@@ -8,6 +8,7 @@ re-shard), never silently. Replicated and partial values (views are linear) stay
 """
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 from math import prod
 from typing import Sequence, Tuple
@@ -269,6 +270,12 @@ def transpose_(func, args, kwargs):
     the same tensor object presents the transposed tensor (its layout's dim moved with it)."""
     x = args[0]
     nd = len(x._gshape)
+    if weakref.getweakrefs(x):   # swap_tensors would refuse, after the shard was transposed
+        raise UnsupportedOpError(
+            f"{func.__name__}: in place on a ShardedTensor with {x._spec!r} and shape "
+            f"{tuple(x._gshape)} that is weakly referenced (e.g. a copy standing for a view the "
+            f"shards cannot present, registered to write back into its base) is not supported; "
+            f"use the out-of-place .t() / .transpose(dim0, dim1)")
     if func is T.t_:
         x._local.t_()   # torch's own checks (at most 2-D, a leaf that requires grad)
         perm = _swap_perm(nd, 0, -1) if nd == 2 else tuple(range(nd))
@@ -277,12 +284,16 @@ def transpose_(func, args, kwargs):
         b = args[2] if len(args) > 2 else kwargs.get("dim1", kwargs.get("axis1"))
         x._local.transpose_(a, b)
         perm = _swap_perm(nd, a, b)
-    moved = _permuted(x, x._local, perm)
-    if x._compute_spec is not None:
-        moved.__dict__["_compute_spec"] = x._compute_spec
-    # the wrapper's own sizes are the global shape's: the object takes a fresh wrapper's
-    moved.__dict__.update({k: v for k, v in x.__dict__.items() if k not in _OWN})
-    torch.utils.swap_tensors(x, moved)
+    try:
+        moved = _permuted(x, x._local, perm)
+        if x._compute_spec is not None:
+            moved.__dict__["_compute_spec"] = x._compute_spec
+        # the wrapper's own sizes are the global shape's: the object takes a fresh wrapper's
+        moved.__dict__.update({k: v for k, v in x.__dict__.items() if k not in _OWN})
+        torch.utils.swap_tensors(x, moved)
+    except BaseException:   # the shard back as it was (a transpose is its own inverse)
+        x._local.t_() if func is T.t_ else x._local.transpose_(a, b)
+        raise
     return x
 
 
