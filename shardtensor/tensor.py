@@ -394,6 +394,8 @@ def _gather_sizes(n: int, pg: ProcessGroup):
     if dist.get_backend(pg.tp_process_group()) == "nccl":
         t = t.cuda()
     out = [torch.empty_like(t) for _ in range(d)]
+    if _trace._ACTIVE:   # a collective like any other: CommTrace records every one
+        _trace.record("all_gather", d * t.element_size(), d, "ShardedTensor.from_local", "forward")
     dist.all_gather(out, t, group=pg.tp_process_group())
     return [int(x) for x in out]
 

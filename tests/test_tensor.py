@@ -235,3 +235,24 @@ def test_zero_dim_sharded_tensors_as_scalar_arguments():
     for rng, stop, filled, grown in run(2, _scalar_arguments):
         assert rng == [0, 1, 2] and stop == 3 and filled == [3.0, 3.0]
         assert grown == [(2, 3), (2, 3), [7, 7, 7]]
+
+
+def _from_local_traced(rank):
+    pg = st.ProcessGroup()
+    w = pg.tp_world_size()
+    full = torch.arange(7.0).view(7, 1)
+    local = torch.tensor_split(full, w)[pg.tp_local_rank()].clone()
+    with st.CommTrace() as trace:
+        t = st.ShardedTensor.from_local(local, pg, st.ShardSpec(0, w))
+        t2 = st.ShardedTensor.from_local(local, pg, st.ShardSpec(0, w), shape=(7, 1))
+    assert torch.equal(t.full(), full) and torch.equal(t2.full(), full)
+    return [(e.kind, e.nbytes, e.group_size, e.op, e.phase) for e in trace.events]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_from_local_size_gather_is_traced(world):
+    # API.md: CommTrace records every collective issued; from_local without `shape` all-gathers
+    # the shard sizes (with `shape` it communicates nothing)
+    want = [] if world == 1 else [("all_gather", 8 * world, world, "ShardedTensor.from_local",
+                                   "forward")]
+    assert run(world, _from_local_traced) == [want] * world
