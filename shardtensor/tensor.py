@@ -196,7 +196,10 @@ class ShardedTensor(torch.Tensor):
             raise ShardingError(f"setting .grad of a ShardedTensor with {self._spec!r} needs a "
                                 f"ShardedTensor with the same layout, got a plain tensor; build "
                                 f"it with ShardedTensor.from_global(grad, pg, {self._spec!r})")
-        self._local.grad = g._local if g._spec == self._spec else g.redistribute(self._spec)._local
+        spec = self._spec
+        if spec.is_partial:   # laid out as _get_grad presents it: the gradient of the sum
+            from .spec import REPLICA as spec
+        self._local.grad = g._local if g._spec == spec else g.redistribute(spec)._local
 
     def _del_grad(self) -> None:
         self._local.grad = None

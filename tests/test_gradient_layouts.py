@@ -67,3 +67,36 @@ def test_gradients_given_and_seen_in_every_layout(world, how, data):
         assert len(seen) == len(ref_seen)
         for a, b in zip(seen, ref_seen):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _set_grad_of_partial_leaf(rank, gspec_name, seed):
+    """A partial leaf's .grad set from its own (replicated) .grad rescaled, or from a gradient
+    of another layout: read back as serial's on every rank."""
+    pg = st.ProcessGroup() if rank is not None else None
+    torch.manual_seed(seed)
+    full = torch.randn(5, 3, dtype=torch.float64)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    newg = torch.randn(5, 3, dtype=torch.float64)
+    x = (full.clone() if pg is None else
+         st.ShardedTensor.from_global(full.clone(), pg, st.PartialSpec())).requires_grad_()
+    (x @ w).tanh().sum().backward()
+    if gspec_name == "own":
+        x.grad = x.grad * 0.5
+    elif pg is None:
+        x.grad = newg
+    else:
+        gspec = {"replica": st.ReplicaSpec(), "shard0": st.ShardSpec(0, pg.tp_world_size()),
+                 "partial": st.PartialSpec()}[gspec_name]
+        x.grad = st.ShardedTensor.from_global(newg, pg, gspec)
+    return _full(x.grad)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("gspec", ["own", "replica", "shard0", "partial"])
+def test_setting_the_grad_of_a_partial_leaf_matches_serial(world, gspec):
+    """.grad of a partial value is presented replicated (the gradient of the sum), but the
+    setter laid a replicated gradient out as a partial value: rank 0 kept it, the others zeros,
+    so `x.grad = x.grad * 0.5` read back as zeros on ranks 1.. (off by 100% there)."""
+    ref = _set_grad_of_partial_leaf(None, gspec, 3)
+    for g in run(world, _set_grad_of_partial_leaf, gspec, 3):
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12)
