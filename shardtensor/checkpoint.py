@@ -433,8 +433,10 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
             key = tie_key(t)
             if key not in done:
                 if isinstance(t, ShardedTensor):
+                    # contiguous, as the serial parameter is (a gathered dim-1 split is a
+                    # view; safetensors' save_file refuses non-contiguous tensors)
                     full = redistribute_local(t._local.detach(), t._spec, REPLICA, t._gshape,
-                                              t._pg, "full_state_dict")
+                                              t._pg, "full_state_dict").contiguous()
                 else:
                     full = t.detach()
                 done[key] = full

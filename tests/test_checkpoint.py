@@ -353,3 +353,29 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     sd, caught = run(2, _load_tiny, path)[0]
     assert _same(sd, _serial_tiny(1))
     assert sorted(os.listdir(tmp_path)) == ["ck", "killed_save.py", "marker.0", "marker.1"]
+
+
+# --- full_state_dict is safetensors-compatible ------------------------------------------------------
+
+def _full_llama(rank, path):
+    model = _model("llama", st.ProcessGroup().tp_world_size())
+    sd = st.full_state_dict(model)
+    if rank == 0:   # the untied llama state dict: save_file takes it as it takes the serial one
+        import safetensors.torch
+        safetensors.torch.save_file(sd, path)
+    return {k: v.is_contiguous() for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("world", (1, 2, 4))
+def test_full_state_dict_saves_with_safetensors_save_file(tmp_path, world):
+    # API.md: rank 0 gets plain full tensors, safetensors-compatible. A gathered column-split
+    # weight (o_proj, down_proj) came back as a non-contiguous view, which save_file refuses
+    import safetensors.torch
+    path = str(tmp_path / "full.safetensors")
+    contiguous = run(world, _full_llama, path)
+    assert all(contiguous[0].values()) and contiguous[1:] == [{}] * (world - 1)
+    serial = build("llama").state_dict()
+    loaded = safetensors.torch.load_file(path)
+    assert loaded.keys() == serial.keys()
+    for k, v in serial.items():
+        assert torch.equal(loaded[k], v), k
