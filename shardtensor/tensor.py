@@ -223,6 +223,7 @@ class ShardedTensor(torch.Tensor):
     # --- dispatch ----------------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        r = None
         try:
             r = _get_rule(func)
             if _COPY_VIEWS and args and id(args[0]) in _COPY_VIEWS:
@@ -234,6 +235,9 @@ class ShardedTensor(torch.Tensor):
                 return r(func, args, kwargs or _EMPTY)
             return _no_rule(func, args, kwargs or _EMPTY)
         except UnsupportedOpError as e:   # (a try costs nothing until it catches)
+            if r is not None and config.fallback == "gather" and \
+                    not _writes(func, kwargs or _EMPTY):   # the rule refuses these inputs:
+                return _gather(func, args, kwargs or _EMPTY, 3)   # the user's opted-in fallback
             err = _swallowed_by_torch(e)
             if err is None:
                 raise
@@ -487,15 +491,28 @@ def _no_rule(func, args, kwargs):
         raise UnsupportedOpError(
             f"{name} has no sharding rule for inputs {specs}; set shardtensor.config.fallback = "
             f"'gather' to run it serially, or register a rule (see tutorials/06_custom_rule.ipynb)")
-    fname = getattr(func, "__name__", "")
-    if "out" in kwargs or (fname.endswith("_") and not fname.endswith("__")):
+    if _writes(func, kwargs):
         raise UnsupportedOpError(f"{name} writes into its input and has no sharding rule for "
                                  f"inputs {specs}; the gather fallback cannot write back into a "
                                  f"shard. Register a rule (see tutorials/06_custom_rule.ipynb)")
+    return _gather(func, args, kwargs)
+
+
+def _writes(func, kwargs) -> bool:
+    fname = getattr(func, "__name__", "")
+    return "out" in kwargs or (fname.endswith("_") and not fname.endswith("__"))
+
+
+def _gather(func, args, kwargs, stacklevel: int = 4):
+    """config.fallback = "gather": gather the ShardedTensor inputs, run `func` serially, warn
+    once per op."""
     if func not in _WARNED:
+        name = _trace.func_name(func)
+        specs = _specs_of(args, kwargs)
         _WARNED.add(func)
-        warnings.warn(f"shardtensor: {name} has no sharding rule; gathering its inputs {specs} "
-                      f"and running it serially (config.fallback = 'gather')", stacklevel=3)
+        warnings.warn(f"shardtensor: {name} has no sharding rule for these inputs; gathering "
+                      f"its inputs {specs} and running it serially (config.fallback = 'gather')",
+                      stacklevel=stacklevel)
     from torch.utils._pytree import tree_map
     _trace.current_op[0] = func
     unwrap = lambda x: x.full() if isinstance(x, ShardedTensor) else x

@@ -256,3 +256,48 @@ def test_from_local_size_gather_is_traced(world):
     want = [] if world == 1 else [("all_gather", 8 * world, world, "ShardedTensor.from_local",
                                    "forward")]
     assert run(world, _from_local_traced) == [want] * world
+
+
+def _fallback_for_refused_inputs(rank):
+    import warnings
+    pg = st.ProcessGroup()
+    w = pg.tp_world_size()
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64)
+    serial = x.cumsum(-1)
+    (serial * weight).sum().backward()
+    want = x.grad.clone()
+    x.grad = None
+    t = st.ShardedTensor.from_global(x, pg, st.ShardSpec(1, w))
+    if w > 1:   # cumsum has a rule, which refuses the sharded dim
+        with pytest.raises(st.UnsupportedOpError, match="cumsum along the sharded dim"):
+            t.cumsum(-1)
+    st.config.fallback = "gather"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = t.cumsum(-1)
+            t.cumsum(1)
+        y = y.full() if isinstance(y, st.ShardedTensor) else y
+        nwarn = sum("cumsum" in str(m.message) for m in caught)
+        # writing into a shard is still refused, with the rule's own message
+        s = st.ShardedTensor.from_global(x.detach().clone(), pg, st.ShardSpec(1, w))
+        if w > 1:
+            with pytest.raises(st.UnsupportedOpError, match="cumsum"):
+                s.cumsum_(-1)
+    finally:
+        st.config.fallback = None
+    assert torch.equal(y, serial.detach())
+    (y * weight).sum().backward()
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=1e-12)
+    return nwarn
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_gather_fallback_covers_inputs_a_rule_refuses(world):
+    # API.md: with st.config.fallback = "gather" an op the rules cannot shard gathers, runs
+    # serially and warns once; a rule that refuses these inputs (cumsum along the sharded dim)
+    # raised UnsupportedOpError even then
+    nwarn = run(world, _fallback_for_refused_inputs)
+    assert nwarn == [1] * world if world > 1 else nwarn[0] in (0, 1)
