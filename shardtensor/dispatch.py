@@ -37,6 +37,10 @@ def has_rule(func) -> bool:
 class UnsupportedOpError(NotImplementedError):
     """A torch function met a ShardedTensor and no sharding rule exists for it."""
 
+    # whether `config.fallback = "gather"` may answer it with the gathered global value (not
+    # for a question about this tensor's own memory: a temporary's would be a wrong answer)
+    gather = True
+
 
 class ShardingError(ValueError):
     """Inputs whose layouts, process groups or shapes cannot be combined as asked."""

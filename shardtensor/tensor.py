@@ -235,7 +235,7 @@ class ShardedTensor(torch.Tensor):
                 return r(func, args, kwargs or _EMPTY)
             return _no_rule(func, args, kwargs or _EMPTY)
         except UnsupportedOpError as e:   # (a try costs nothing until it catches)
-            if r is not None and config.fallback == "gather" and \
+            if r is not None and config.fallback == "gather" and e.gather and \
                     not _writes(func, kwargs or _EMPTY):   # the rule refuses these inputs:
                 return _gather(func, args, kwargs or _EMPTY, 3)   # the user's opted-in fallback
             err = _swallowed_by_torch(e)

@@ -20,7 +20,7 @@ def memory(func, args, kwargs):
     x = args[0]
     if x._spec.is_replicate:
         return func(x._local, *args[1:], **kwargs)
-    raise UnsupportedOpError(
+    err = UnsupportedOpError(
         f"{_trace.func_name(func)}: a ShardedTensor with {x._spec!r} has no memory holding its "
         f"global value of shape {tuple(x._gshape)}, only this rank's shard of shape "
         f"{tuple(x._local.shape)}, so code that reads tensors through their memory "
@@ -30,6 +30,8 @@ def memory(func, args, kwargs):
         f"state_dict=shardtensor.full_state_dict(model), "
         f"is_main_process=(torch.distributed.get_rank() == 0)); for one tensor use t.full() or "
         f"t.to_local()")
+    err.gather = False   # a gathered temporary's memory would be a wrong answer
+    raise err
 
 
 @rule(T.share_memory_)
