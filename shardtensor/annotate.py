@@ -113,6 +113,7 @@ def parallelize(model: nn.Module, pg: ProcessGroup, plan: Optional[dict] = None)
     import fnmatch
     from .plans import get_plan
     inner, prefix = _peft_inner(model)
+    own_plan = plan is not None
     if plan is None:
         plan = get_plan(inner, pg.tp_world_size())
     tuners = _tuner_layers(model)
@@ -140,6 +141,14 @@ def parallelize(model: nn.Module, pg: ProcessGroup, plan: Optional[dict] = None)
     for name, p in later:
         layer, which = adapters[id(p)]
         todo.append((name, p, _lora_layout(layer, which, p, decided, pg)))
+    if own_plan:   # a typo in a glob would leave a correct but unparallel model: say so
+        names = [_plan_name(n, prefix, tuners) for n, _ in model.named_parameters()]
+        unused = [g for g in plan if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+        if unused:
+            import warnings
+            warnings.warn(f"parallelize: plan entries {unused} match no parameter of "
+                          f"{type(model).__name__} (names look like {names[:3]}); those "
+                          f"layouts were not applied", stacklevel=2)
     checked = []
     for name, p, spec in todo:
         try:

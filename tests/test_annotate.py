@@ -82,3 +82,25 @@ def _tied(rank):
 
 def test_tied_weights_stay_tied():
     assert all(run(2, _tied))
+
+
+def _unmatched_glob(rank):
+    import warnings
+    pg = st.ProcessGroup()
+    out = []
+    for plan in ({"0.wieght": "row", "0.bias": "row"}, {"0.weight": "row", "0.bias": "row"}):
+        model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            st.parallelize(model, pg, plan=plan)
+        out.append(([str(x.message) for x in w if "match no parameter" in str(x.message)],
+                    model[0].weight.spec.is_shard))
+    return out
+
+
+def test_a_plan_glob_matching_no_parameter_is_named():
+    """A typo in a plan leaves a correct but unparallel layer: parallelize names the glob."""
+    for (typo, typo_sharded), (ok, ok_sharded) in run(2, _unmatched_glob):
+        assert len(typo) == 1 and "'0.wieght'" in typo[0] and "0.bias" not in typo[0].split("(")[0]
+        assert not typo_sharded
+        assert ok == [] and ok_sharded
