@@ -148,23 +148,30 @@ def time_step(model, make_input, iters, device, to_full=False):
         if to_full and isinstance(out, st.ShardedTensor):
             out = out.full()
         out.float().mean().backward()
+    ms = median_ms(step, iters, device)
+    model.zero_grad(set_to_none=True)
+    return ms
+
+
+def median_ms(fn, iters, device):
+    """Median milliseconds of `fn()` over `iters` calls after 3 warm-up calls (CUDA events on
+    the GPU, perf_counter on the CPU)."""
     for _ in range(3):
-        step()
+        fn()
     times = []
     for _ in range(iters):
         if device == "cuda":
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             s.record()
-            step()
+            fn()
             e.record()
             torch.cuda.synchronize()
             times.append(s.elapsed_time(e))
         else:
             t0 = time.perf_counter()
-            step()
+            fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    model.zero_grad(set_to_none=True)
     return statistics.median(times)
 
 
@@ -231,25 +238,9 @@ def time_optim(model, iters, device):
         for p in params:
             p.grad = torch.full_like(p, 1e-3)
     opt = torch.optim.AdamW(params, lr=1e-6)
-    for _ in range(3):
-        opt.step()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            s.record()
-            opt.step()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            opt.step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    ms = median_ms(opt.step, iters, device)
     model.zero_grad(set_to_none=True)
-    del opt
-    return statistics.median(times)
+    return ms
 
 
 def _optim_rows(rows, name, model, iters, device):

@@ -25,7 +25,7 @@ import weakref
 import torch
 
 from .ops._util import to_layout
-from .spec import REPLICA
+from .spec import grad_spec
 from .tensor import ShardedTensor, wrap
 
 __all__ = ["install"]
@@ -105,7 +105,7 @@ class _Bridge(_Function):
                 continue
             outs.append(o)
             if type(o) is ST:   # a partial output's gradient: replicated (that of the sum)
-                g = wrap(g, REPLICA if o._spec.is_partial else o._spec, o._pg, o._gshape)
+                g = wrap(g, grad_spec(o._spec), o._pg, o._gshape)
             gouts.append(g)
         call.got = [None] * len(call.inputs)
         if outs:
@@ -127,7 +127,7 @@ def _shard_of(g, layout):
         return g.full() if type(g) is ST else g
     spec, pg = layout
     # a summand's gradient is the sum's (replicated); a plain gradient is a replicated value
-    return to_layout(g, REPLICA if spec.is_partial else spec, pg)
+    return to_layout(g, grad_spec(spec), pg)
 
 
 class _Call:
@@ -247,7 +247,7 @@ def _module_hook_apply(args):
     module's hooks see the gradients as ShardedTensors laid out like the tensors (a partial
     value's: replicated, the gradient of the sum) and may return them so, or as plain full
     values."""
-    layouts = [(REPLICA if a._spec.is_partial else a._spec, a._pg, a._gshape)
+    layouts = [(grad_spec(a._spec), a._pg, a._gshape)
                if type(a) is ST else None for a in args]
     outs = _ORIG_APPLY(_BackwardHookFunction, *[a._local if type(a) is ST else a for a in args])
     node = next((o.grad_fn for o in outs if o.grad_fn is not None), None)

@@ -132,6 +132,12 @@ class PartialSpec:
 
 Spec = Union[ShardSpec, ReplicaSpec, PartialSpec]
 REPLICA = ReplicaSpec()
+
+
+def grad_spec(spec: Spec) -> Spec:
+    """The layout of the gradient of a value laid out by `spec`: the same, but replicated for a
+    partial value (each summand's gradient is the gradient of the whole sum)."""
+    return REPLICA if spec.is_partial else spec
 PARTIAL = PartialSpec()
 
 

@@ -16,11 +16,14 @@ from . import trace as _trace
 from .collectives import redistribute_local
 from .dispatch import RULES, UnsupportedOpError, ShardingError, config, _swallowed_by_torch
 from .groups import ProcessGroup
-from .spec import ComputeSpec, ReplicaSpec, Spec, local_shape, local_size
+from .spec import ComputeSpec, ReplicaSpec, Spec, grad_spec, local_shape, local_size
 
 __all__ = ["ShardedTensor", "wrap"]
 
 _EMPTY: dict = {}
+# the instance attributes that make a ShardedTensor what it is (not copied when a rule swaps a
+# new ShardedTensor into an existing object: deepcopy, in-place transpose)
+OWN_ATTRS = ("_local", "_spec", "_pg", "_gshape", "_compute_spec", "_grad_wrapper", "_col", "_f")
 # the dispatcher's hot path reads these without attribute lookups (same objects as in trace.py)
 _get_rule = RULES.get
 _CURRENT_OP = _trace.current_op
@@ -182,10 +185,7 @@ class ShardedTensor(torch.Tensor):
         cached = self._grad_wrapper
         if cached is not None and cached._local is g:
             return cached
-        spec = self._spec
-        if spec.is_partial:
-            from .spec import REPLICA as spec
-        out = self._grad_wrapper = wrap(g, spec, self._pg, self._gshape)
+        out = self._grad_wrapper = wrap(g, grad_spec(self._spec), self._pg, self._gshape)
         return out
 
     def _set_grad(self, g) -> None:
@@ -196,9 +196,7 @@ class ShardedTensor(torch.Tensor):
             raise ShardingError(f"setting .grad of a ShardedTensor with {self._spec!r} needs a "
                                 f"ShardedTensor with the same layout, got a plain tensor; build "
                                 f"it with ShardedTensor.from_global(grad, pg, {self._spec!r})")
-        spec = self._spec
-        if spec.is_partial:   # laid out as _get_grad presents it: the gradient of the sum
-            from .spec import REPLICA as spec
+        spec = grad_spec(self._spec)   # laid out as _get_grad presents it
         self._local.grad = g._local if g._spec == spec else g.redistribute(spec)._local
 
     def _del_grad(self) -> None:

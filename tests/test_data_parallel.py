@@ -11,6 +11,7 @@ import torch
 import shardtensor as st
 from shardtensor.launch import free_port
 from shardtensor.testing import run
+from test_optim import _model as _mlp   # the mixed-layout MLP, shared
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "tp_dp_train.py")
 
@@ -79,18 +80,6 @@ def test_two_torchrun_nodes_over_loopback():
     out = json.loads(line[len("RESULT "):])
     assert out["world"] == 4
     _check(out)
-
-
-def _mlp(pg=None):
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.GELU(), torch.nn.Linear(7, 5),
-                            torch.nn.Linear(5, 3)).double()
-    if pg is not None:
-        st.split_row(m[0].weight, pg)
-        st.split_row(m[0].bias, pg)
-        st.split_col(m[2].weight, pg)
-        st.replicate(m[2].bias, pg)
-    return m
 
 
 def _half_loss(m, x, head):

@@ -10,25 +10,9 @@ import torch.nn as nn
 import shardtensor as st
 from shardtensor.testing import run
 from strategies import WORLDS
+from test_optim import _full, _model as _mlp   # the mixed-layout MLP, shared
 
 F64 = torch.float64
-
-
-def _mlp(pg=None):
-    """Row- and column-split layers (uneven shards at worlds 2 and 4), a replicated bias and a
-    plain (serial) layer."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(6, 7), nn.GELU(), nn.Linear(7, 5), nn.Linear(5, 3)).double()
-    if pg is not None:
-        st.split_row(m[0].weight, pg)
-        st.split_row(m[0].bias, pg)
-        st.split_col(m[2].weight, pg)
-        st.replicate(m[2].bias, pg)
-    return m
-
-
-def _full(t):
-    return (t.full() if isinstance(t, st.ShardedTensor) else t).detach().clone()
 
 
 def _x(step=0, n=4):

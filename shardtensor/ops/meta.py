@@ -8,6 +8,7 @@ import copy
 import torch
 
 from ..collectives import replica_from_summand_grads
+from ..spec import grad_spec
 from ._util import REPLICA, ST, ShardingError, rule, to_layout, unwrap, wrap
 
 _DisableTF = torch._C.DisableTorchFunctionSubclass
@@ -240,7 +241,7 @@ def _grad_local(out, g):
     partial `out` replicated (each summand's gradient is the whole sum's)."""
     if type(out) is not ST:
         return to_layout(g, REPLICA, g._pg) if type(g) is ST else g
-    gspec = REPLICA if out._spec.is_partial else out._spec
+    gspec = grad_spec(out._spec)
     if type(g) is ST:
         return g._local if g._spec == gspec else to_layout(g, gspec, g._pg)
     if gspec.is_shard:
@@ -254,7 +255,7 @@ def register_hook(func, args, kwargs):
     """A hook on a ShardedTensor sees (and may replace) the gradient as a ShardedTensor, laid
     out like the tensor (a partial tensor's: replicated, the gradient of the sum)."""
     x, hook = args[0], args[1] if len(args) > 1 else kwargs["hook"]
-    spec, pg, shape = (REPLICA if x._spec.is_partial else x._spec), x._pg, x._gshape
+    spec, pg, shape = grad_spec(x._spec), x._pg, x._gshape
 
     def local_hook(g):
         out = hook(wrap(g, spec, pg, shape))
@@ -276,7 +277,7 @@ def register_post_accumulate_grad_hook(func, args, kwargs):
 
 
 # the wrapper's own state, and the rules' per-tensor caches (a copy rebuilds them on use)
-_NOT_COPIED = ("_local", "_spec", "_pg", "_gshape", "_compute_spec", "_grad_wrapper", "_col", "_f")
+from ..tensor import OWN_ATTRS as _NOT_COPIED   # noqa: E402
 
 
 @rule(T.__deepcopy__)

@@ -17,7 +17,7 @@ import torch
 
 from ..dispatch import UnsupportedOpError
 from ..spec import local_shape, part_sizes
-from ..tensor import RESHAPED, copy_view
+from ..tensor import OWN_ATTRS as _OWN, RESHAPED, copy_view
 from ._util import REPLICA, ST, ShardSpec, shard_spec, remember, rule, to_layout, wrap
 
 T = torch.Tensor
@@ -260,7 +260,6 @@ def t(func, args, kwargs):
     return _permuted(x, x._local.t(), _swap_perm(len(x._gshape), 0, -1))
 
 
-_OWN = ("_local", "_spec", "_pg", "_gshape", "_compute_spec", "_grad_wrapper", "_col", "_f")
 
 
 @rule(*[f for f in (getattr(T, n, None) for n in ("t_", "transpose_", "swapdims_", "swapaxes_"))
