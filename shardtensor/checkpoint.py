@@ -40,6 +40,7 @@ from .checkpoint_io import (CheckpointError, SafetensorsFile, checked, fsync_dir
                             overlap, world_info, write_durable, agree, blocks, dtype_name,
                             sha256_file, spec_to_json)
 from .groups import ProcessGroup
+from .materialise import fill, materialise_buffers, uncomputable_buffers
 from .spec import ReplicaSpec, local_shape
 from .tensor import ShardedTensor
 
@@ -381,7 +382,8 @@ def stage(targets: Dict[str, Target], found: Dict[str, str], reader: Reader, whe
 def load(obj, path: str, *, model: Optional[nn.Module] = None) -> None:
     """Collective: load the checkpoint at `path` into `obj` (an nn.Module, or an optimizer with
     `model=`), at whatever tp x dp layout `obj` has now. Verifies checksums, names, shapes and
-    dtypes first; on any problem raises CheckpointError on every rank and changes nothing."""
+    dtypes first; on any problem raises CheckpointError on every rank and changes nothing.
+    A model built on the meta device is materialised (as `load_pretrained` does)."""
     if isinstance(obj, torch.optim.Optimizer):
         from .optim_state import load_optimizer
         return load_optimizer(obj, path, model)
@@ -403,6 +405,12 @@ def load(obj, path: str, *, model: Optional[nn.Module] = None) -> None:
                                   f"model's")
         where = os.path.join(root, INDEX)
         found = match(names, index, where)
+        unfillable = uncomputable_buffers(obj, [id(t) for t in tensors.values()])
+        if unfillable:   # (non-persistent buffers of a meta-built model)
+            raise CheckpointError(f"shardtensor.load: buffers {unfillable} are on the meta "
+                                  f"device, not in the checkpoint {root}, and the model has no "
+                                  f"_init_weights to recompute them; build the model with "
+                                  f"buffers off the meta device")
         reader = Reader(root, index)
         return stage({n: Target(n, t) for n, t in tensors.items()}, found, reader, where)
     try:
@@ -412,7 +420,9 @@ def load(obj, path: str, *, model: Optional[nn.Module] = None) -> None:
             reader.close()
     with torch.no_grad():
         for name, t in tensors.items():
-            (t._local if isinstance(t, ShardedTensor) else t).copy_(staged[name])
+            fill(t, staged[name])   # copies in place; materialises a meta tensor
+        if any(b.is_meta for b in obj.buffers()):
+            materialise_buffers(obj)
 
 
 # --- gathering a full state dict -----------------------------------------------------------------

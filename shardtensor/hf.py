@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import Target, last_load, unique_tensors
 from .checkpoint_io import CheckpointError, SafetensorsFile, blocks, checked, overlap
-from .tensor import ShardedTensor, wrap
+from .materialise import fill, materialise_buffers, uncomputable_buffers
 
 __all__ = ["load_pretrained"]
 
@@ -44,22 +44,6 @@ def _find(names: List[str], weight_map, prefix: str):
             if key and key in weight_map:
                 return key
     return None
-
-
-def _sentinel(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype.is_floating_point:
-        return torch.full(t.shape, float("nan"), dtype=t.dtype)
-    if t.dtype == torch.bool:
-        return torch.zeros(t.shape, dtype=t.dtype)
-    return torch.full(t.shape, torch.iinfo(t.dtype).min, dtype=t.dtype)
-
-
-def _unfilled(t: torch.Tensor) -> bool:
-    if t.dtype.is_floating_point:
-        return bool(torch.isnan(t).any())
-    if t.dtype == torch.bool:
-        return False
-    return bool((t == torch.iinfo(t.dtype).min).any())
 
 
 def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
@@ -108,6 +92,12 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
             raise CheckpointError(f"{directory} does not hold the model's parameters "
                                   f"{missing_params[:5]}{' ...' if len(missing_params) > 5 else ''}"
                                   f" ({len(missing_params)} missing)")
+        unfillable = uncomputable_buffers(model, [id(tensors[n]) for n in staged])
+        if unfillable:
+            raise CheckpointError(f"{directory}: buffers {unfillable} are on the meta device, not "
+                                  f"in the checkpoint, and the model has no _init_weights to "
+                                  f"recompute them; build the model with buffers off the meta "
+                                  f"device")
         return staged, sorted(set(weight_map) - used)
     try:
         staged, unexpected = checked(prepare)
@@ -119,51 +109,6 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
     with torch.no_grad():
         for name, t in tensors.items():
             if name in staged:
-                _fill(t, staged.pop(name))
-        reinit = _materialise_buffers(model)
+                fill(t, staged.pop(name))
+        reinit = materialise_buffers(model)
     return {"unexpected": unexpected, "reinitialised": reinit}
-
-
-def _fill(t: torch.Tensor, buf: torch.Tensor) -> None:
-    """Put `buf` (this rank's local piece) into `t`: in place, or by materialising a meta `t`
-    in place (the same Python object, so tied names stay tied)."""
-    if not t.is_meta:
-        (t._local if isinstance(t, ShardedTensor) else t).copy_(buf)
-        return
-    requires_grad = t.requires_grad
-    new = wrap(buf, t._spec, t._pg, t._gshape, t._compute_spec) if isinstance(t, ShardedTensor) else buf
-    if isinstance(t, nn.Parameter):
-        new = nn.Parameter(new, requires_grad=requires_grad)
-    elif isinstance(new, ShardedTensor):
-        new._local.requires_grad_(requires_grad)
-    torch.utils.swap_tensors(t, new)
-
-
-def _materialise_buffers(model: nn.Module) -> List[str]:
-    """Meta buffers -> CPU, recomputed by the model's `_init_weights` (with every parameter
-    marked initialised, so HF's init functions leave them alone)."""
-    todo = []
-    for mname, mod in model.named_modules():
-        metas = [b for b, v in mod._buffers.items() if v is not None and v.is_meta]
-        for b in metas:
-            mod._buffers[b] = _sentinel(mod._buffers[b])
-            todo.append((f"{mname}.{b}" if mname else b, mod, b))
-    if not todo:
-        return []
-    init = getattr(model, "_init_weights", None)
-    if init is not None:
-        flagged = [p for p in model.parameters() if not getattr(p, "_is_hf_initialized", False)]
-        for p in flagged:
-            p._is_hf_initialized = True
-        try:
-            for mod in {id(m): m for _, m, _ in todo}.values():
-                init(mod)
-        finally:
-            for p in flagged:
-                del p._is_hf_initialized
-    bad = [n for n, m, b in todo if _unfilled(m._buffers[b])]
-    if bad:
-        raise CheckpointError(f"buffers {bad} were on the meta device, are not in the checkpoint, "
-                              f"and the model's _init_weights did not recompute them; build the "
-                              f"model with buffers off the meta device")
-    return [n for n, _, _ in todo]

@@ -1,0 +1,132 @@
+"""Checkpoints as users meet them: a model built on the meta device and parallelized loads a
+sharded checkpoint (st.load) and computes what the serial model computes; a mismatched optimizer
+checkpoint names the parameters that differ. Uneven sizes (vocab 61, hidden 10), a fused q|k|v
+(stride 3), tied embeddings and buffers."""
+import pytest
+import torch
+from torch import nn
+
+import shardtensor as st
+from shardtensor.models_testing import build, inputs_for
+from shardtensor.testing import run
+
+
+class Net(nn.Module):
+    """Hidden 10 (not divisible by 4), vocab 61, fused q|k|v, head tied to the embedding, a
+    persistent buffer and, with `extra`, a non-persistent one."""
+
+    def __init__(self, extra: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(61, 10)
+        self.qkv = nn.Linear(10, 30)
+        self.proj = nn.Linear(10, 10)
+        self.up = nn.Linear(10, 13)
+        self.down = nn.Linear(13, 10)
+        self.norm = nn.LayerNorm(10)
+        self.head = nn.Linear(10, 61, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("scale", torch.tensor([1.5]))
+        if extra:
+            self.register_buffer("shift", torch.zeros(1), persistent=False)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        q, k, v = self.qkv(h).split(10, dim=-1)
+        h = h + self.proj(torch.softmax(q @ k.transpose(-1, -2) / 3.0, -1) @ v)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(self.norm(h)) * self.scale
+
+
+PLAN = {"emb.weight": "row", "qkv.*": ("row", {"stride": 3}), "proj.weight": "col",
+        "up.*": "row", "down.weight": "col"}
+IDS = torch.randint(0, 61, (3, 5), generator=torch.Generator().manual_seed(3))
+
+
+def _net(tp, seed=0, meta=False, extra=False):
+    torch.manual_seed(seed)
+    if meta:
+        with torch.device("meta"):
+            model = Net(extra)
+    else:
+        model = Net(extra)
+    if tp:
+        st.parallelize(model, st.ProcessGroup(tp_degree=tp), plan=PLAN)
+    return model
+
+
+def _full(x):
+    return (x.full() if isinstance(x, st.ShardedTensor) else x).detach().clone()
+
+
+def _save_net(rank, path):
+    st.save(_net(2), path)
+
+
+def _is_meta(t):
+    return t.is_meta or (isinstance(t, st.ShardedTensor) and t.to_local().is_meta)
+
+
+# --- st.load into a model built on the meta device ----------------------------------------------
+
+def _load_meta(rank, path, llama_path):
+    tp = torch.distributed.get_world_size()
+    model = _net(tp, seed=5, meta=True)
+    st.load(model, path)
+    metas = [n for n, t in model.state_dict(keep_vars=True).items() if _is_meta(t)]
+    out = {"metas": metas, "tied": model.head.weight is model.emb.weight,
+           "logits": _full(model(IDS)), "state": st.full_state_dict(model)}
+    # an HF model: its non-persistent rotary inv_freq is recomputed, as load_pretrained does
+    import transformers as tf
+    config = build("llama").config
+    with torch.device("meta"):
+        llama = tf.LlamaForCausalLM(config)
+    st.parallelize(llama, st.ProcessGroup(tp_degree=tp))
+    st.load(llama, llama_path)
+    out["llama_metas"] = [n for n, t in list(llama.state_dict(keep_vars=True).items())
+                          + list(llama.named_buffers()) if _is_meta(t)]
+    llama.train()
+    out["llama_logits"] = _full(llama(**inputs_for("llama")).logits)
+    return out
+
+
+def _save_llama(rank, path):
+    model = build("llama")
+    st.parallelize(model, st.ProcessGroup(tp_degree=2))
+    st.save(model, path)
+
+
+@pytest.mark.parametrize("world", (1, 2, 4))
+def test_load_into_a_meta_built_model_materialises_it(tmp_path, world):
+    # st.load into a meta-built, parallelized model left every parameter on the meta device
+    # (copy_ into meta is a no-op) and returned without a word: the model then had no weights
+    path, llama_path = str(tmp_path / "net"), str(tmp_path / "llama")
+    run(2, _save_net, path)
+    run(2, _save_llama, llama_path)
+    serial = _net(None)
+    llama = build("llama")
+    for out in run(world, _load_meta, path, llama_path):
+        assert out["metas"] == [] and out["llama_metas"] == []
+        assert out["tied"]
+        torch.testing.assert_close(out["logits"], serial(IDS).detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["llama_logits"], llama(**inputs_for("llama")).logits.detach(),
+                                   rtol=1e-5, atol=1e-5)
+        if out["state"]:
+            ref = serial.state_dict()
+            assert out["state"].keys() == ref.keys()
+            assert all(torch.equal(out["state"][k], v) for k, v in ref.items())
+
+
+def _load_meta_unfillable(rank, path):
+    # a plain module's non-persistent meta buffer: nothing can compute it, so nothing is loaded
+    model = _net(torch.distributed.get_world_size(), meta=True, extra=True)
+    with pytest.raises(st.CheckpointError, match=r"\['shift'\].*meta") as e:
+        st.load(model, path)
+    return str(e.value), all(_is_meta(t) for t in model.state_dict(keep_vars=True).values())
+
+
+@pytest.mark.parametrize("world", (1, 2))
+def test_load_into_a_meta_model_with_an_uncomputable_buffer_changes_nothing(tmp_path, world):
+    path = str(tmp_path / "net")
+    run(2, _save_net, path)
+    for msg, still_meta in run(world, _load_meta_unfillable, path):
+        assert still_meta, msg
