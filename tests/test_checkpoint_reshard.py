@@ -116,17 +116,26 @@ def test_load_into_a_meta_built_model_materialises_it(tmp_path, world):
             assert all(torch.equal(out["state"][k], v) for k, v in ref.items())
 
 
-def _load_meta_unfillable(rank, path):
+def _load_meta_unfillable(rank, path, hf_dir):
     # a plain module's non-persistent meta buffer: nothing can compute it, so nothing is loaded
-    model = _net(torch.distributed.get_world_size(), meta=True, extra=True)
-    with pytest.raises(st.CheckpointError, match=r"\['shift'\].*meta") as e:
-        st.load(model, path)
-    return str(e.value), all(_is_meta(t) for t in model.state_dict(keep_vars=True).values())
+    # (load_pretrained filled the parameters, then refused)
+    out = []
+    for load, where in ((st.load, path), (st.load_pretrained, hf_dir)):
+        model = _net(torch.distributed.get_world_size(), meta=True, extra=True)
+        with pytest.raises(st.CheckpointError, match=r"\['shift'\].*meta") as e:
+            load(model, where)
+        out.append((str(e.value), all(_is_meta(t) for t in model.state_dict(keep_vars=True).values())))
+    return out
 
 
 @pytest.mark.parametrize("world", (1, 2))
 def test_load_into_a_meta_model_with_an_uncomputable_buffer_changes_nothing(tmp_path, world):
+    import safetensors.torch
     path = str(tmp_path / "net")
     run(2, _save_net, path)
-    for msg, still_meta in run(world, _load_meta_unfillable, path):
-        assert still_meta, msg
+    (tmp_path / "hf").mkdir()
+    serial = {k: v.clone() for k, v in _net(None).state_dict().items() if k != "head.weight"}
+    safetensors.torch.save_file(serial, str(tmp_path / "hf" / "model.safetensors"))
+    for rank_out in run(world, _load_meta_unfillable, path, str(tmp_path / "hf")):
+        for msg, still_meta in rank_out:
+            assert still_meta, msg
