@@ -110,6 +110,20 @@ def optimizer_entries(optimizer, model):
     return entries, {}, extra, pg_of(params.values())
 
 
+def _first_difference(mine: List[List[str]], theirs: List[List[str]]) -> str:
+    """Where the loading optimizer's parameter names first differ from the saved ones."""
+    sizes = f"(groups of {[len(m) for m in mine]} parameters here, {[len(t) for t in theirs]} saved)"
+    for g, (m, t) in enumerate(zip(mine, theirs)):
+        for i, (a, b) in enumerate(zip(m, t)):
+            if a != b:
+                hint = ""
+                if a.startswith("group") != b.startswith("group"):
+                    hint = ("; 'groupG.paramI' names an optimizer saved or loaded without model=: "
+                            "pass the model to both st.save and st.load")
+                return f"group {g} parameter {i} is {a!r} here, {b!r} saved {sizes}{hint}"
+    return f"the numbers differ {sizes}"
+
+
 def load_optimizer(optimizer, path: str, model: Optional[nn.Module]) -> None:
     names = _param_names(optimizer, model)
     params = _params_by_name(optimizer, model)
@@ -130,9 +144,8 @@ def load_optimizer(optimizer, path: str, model: Optional[nn.Module]) -> None:
         mine = [[_name(names, p) for p in grp["params"]] for grp in optimizer.param_groups]
         theirs = [grp["params"] for grp in saved["param_groups"]]
         if mine != theirs:
-            raise CheckpointError(f"checkpoint {where}: the optimizer's parameter groups "
-                                  f"{[len(m) for m in mine]} (by name) differ from the saved "
-                                  f"ones {[len(t) for t in theirs]}")
+            raise CheckpointError(f"checkpoint {where}: the optimizer's parameters differ from "
+                                  f"the saved ones: {_first_difference(mine, theirs)}")
         targets, found = {}, {}
         for pname, meta in saved["state"].items():
             param = params[pname]

@@ -139,3 +139,53 @@ def test_load_into_a_meta_model_with_an_uncomputable_buffer_changes_nothing(tmp_
     for rank_out in run(world, _load_meta_unfillable, path, str(tmp_path / "hf")):
         for msg, still_meta in rank_out:
             assert still_meta, msg
+
+
+# --- an optimizer checkpoint that does not fit names the parameters that differ -----------------
+
+def _step(model, opt):
+    opt.zero_grad()
+    out = model(IDS)
+    torch.nn.functional.cross_entropy(out.reshape(-1, 61), IDS.reshape(-1)).backward()
+    opt.step()
+
+
+def _save_opts(rank, d):
+    model = _net(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, opt)
+    st.save(opt, d + "/named", model=model)
+    st.save(opt, d + "/unnamed")            # without model=: names by position
+
+
+def _load_opts(rank, d):
+    model = _net(2, seed=4)
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    msgs = []
+    for opt, path, kwargs in ((torch.optim.AdamW(model.parameters()), "/unnamed", {"model": model}),
+                              (torch.optim.AdamW(model.parameters()), "/named", {}),
+                              (torch.optim.AdamW([{"params": decay}, {"params": rest}]), "/named",
+                               {"model": model})):
+        _step(model, opt)
+        before = {k: _full(v) for s in opt.state.values() for k, v in s.items()}
+        with pytest.raises(st.CheckpointError) as e:
+            st.load(opt, d + path, **kwargs)
+        after = {k: _full(v) for s in opt.state.values() for k, v in s.items()}
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        msgs.append(str(e.value))
+    return msgs
+
+
+def test_optimizer_checkpoint_that_does_not_fit_names_the_parameters(tmp_path):
+    # the error said "parameter groups [11] (by name) differ from the saved ones [11]"
+    d = str(tmp_path)
+    run(2, _save_opts, d)
+    msgs = run(2, _load_opts, d)
+    assert msgs[0] == msgs[1]
+    unnamed, named, grouped = msgs[0]
+    assert "parameter 0 is 'emb.weight' here, 'group0.param0' saved" in unnamed, unnamed
+    assert "without model=" in unnamed and "without model=" in named
+    assert "parameter 0 is 'group0.param0' here, 'emb.weight' saved" in named, named
+    assert "group 0 parameter 2 is 'proj.weight' here, 'qkv.bias' saved" in grouped, grouped
+    assert "groups of [6, 5] parameters here, [11] saved" in grouped, grouped
