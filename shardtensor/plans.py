@@ -235,6 +235,50 @@ def torch_transformer_plan(config, tp: int) -> Plan:
     }
 
 
+# an attention's q/k/v and output projections: ViT's (transformers < 5.24 names them BERT's way),
+# CLIP's, Whisper's and BART's
+_ATTENTION = ("*[qkv]_proj.*", "*out_proj.weight", "*attention.o_proj.weight",
+              "*attention.attention.*", "*attention.output.dense.weight")
+
+
+def _attention_stacks(config) -> tuple:
+    """(name prefix glob, head count) of each stack of attention layers sharing a head count."""
+    if config.model_type == "clip":
+        return (("text_model.", config.text_config.num_attention_heads),
+                ("vision_model.", config.vision_config.num_attention_heads))
+    if config.model_type == "vit":
+        return (("", config.num_attention_heads),)
+    return (("*encoder.", config.encoder_attention_heads),     # Whisper, BART; a decoder's
+            ("*decoder.", config.decoder_attention_heads))     # cross-attention is its own
+
+
+def encoder_plan(config, tp: int) -> Plan:
+    """ViT, CLIP (text and vision towers), Whisper and BART: q/k/v column parallel (biases with
+    them), the attention output and fc2 row parallel, fc1 column parallel, the token embedding
+    vocab-parallel (Whisper's and BART's tied LM head with it). Conv front ends (patches, mel),
+    position tables, norms, classifiers and CLIP's projections are replicated. A stack whose
+    heads do not divide by tp keeps its attention replicated (its MLP is still split)."""
+    plan: Plan = {prefix + glob: "replicate" for prefix, heads in _attention_stacks(config)
+                  if not _heads_fit(heads, tp) for glob in _ATTENTION}
+    plan.update({
+        "*embed_tokens.weight": "row",                  # Whisper's decoder (tied proj_out)
+        "*shared.weight": "row",                        # BART (tied embeddings and lm_head)
+        "*token_embedding.weight": "row",               # CLIP's text tower
+        "lm_head.weight": "row",                        # untied heads (tie_word_embeddings=False)
+        "proj_out.weight": "row",
+        "*[qkv]_proj.*": "row",
+        "*attention.attention.*": "row",                # ViT before transformers 5.24
+        "*out_proj.weight": "col",
+        "*attention.o_proj.weight": "col",              # ViT
+        "*attention.output.dense.weight": "col",
+        "*fc1.*": "row",
+        "*intermediate.dense.*": "row",
+        "*fc2.weight": "col",
+        "*output.dense.weight": "col",
+        "*": "replicate",
+    })
+    return plan
+
 for _cls in (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
              nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer):
     register_plan(f"{_cls.__module__}.{_cls.__qualname__}", torch_transformer_plan)
@@ -248,3 +292,5 @@ for _name in ("qwen3", "gemma", "gemma2", "gemma3_text", "starcoder2", "mixtral"
     register_plan(_name, decoder_plan)
 for _name in ("gpt_neox", "bloom", "falcon"):
     register_plan(_name, fused_per_head_plan)
+for _name in ("vit", "clip", "whisper", "bart"):
+    register_plan(_name, encoder_plan)
