@@ -276,6 +276,8 @@ def gather(func, args, kwargs):
     # along the sharded dim: pick what this rank holds, zeros elsewhere -> partial
     if type(il) is ST:
         il = to_layout(il, REPLICA, pg, func)
+    if base is torch.take_along_dim:   # takes -n..-1 as n-1 from the end (gather does not)
+        il = torch.where(il < 0, il + g[d], il)
     from ._util import local_index
     lid, mask = local_index(il, g[d], spec, x._pg.tp_local_rank())
     lid = torch.where(mask, lid, torch.zeros_like(lid))
