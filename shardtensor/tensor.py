@@ -233,6 +233,9 @@ class ShardedTensor(torch.Tensor):
                 return r(func, args, kwargs or _EMPTY)
             return _no_rule(func, args, kwargs or _EMPTY)
         except UnsupportedOpError as e:   # (a try costs nothing until it catches)
+            out = _tp_one(func, args, kwargs or _EMPTY)   # a group of one rank: serial's answer
+            if out is not _NOT_LOCAL:
+                return out
             if r is not None and config.fallback == "gather" and e.gather and \
                     not _writes(func, kwargs or _EMPTY):   # the rule refuses these inputs:
                 return _gather(func, args, kwargs or _EMPTY, 3)   # the user's opted-in fallback
@@ -440,6 +443,14 @@ _RANDOM = ("rand", "normal", "bernoulli", "multinomial", "poisson", "dropout", "
 
 
 _NOT_LOCAL = object()
+# in-place ops that change the shape of their input (the wrapper's own sizes must follow)
+_RESHAPING = frozenset(("resize_", "resize_as_", "squeeze_", "unsqueeze_", "as_strided_", "t_",
+                        "transpose_", "swapdims_", "swapaxes_"))
+
+
+def _sharded_leaves(args, kwargs):
+    from torch.utils._pytree import tree_flatten
+    return [x for x in tree_flatten((args, kwargs))[0] if type(x) is ShardedTensor]
 
 
 def _replicated_locally(func, args, kwargs):
@@ -447,29 +458,53 @@ def _replicated_locally(func, args, kwargs):
     numbers are replicated values too) gives the same result on every rank: run it on the
     local tensors, present tensor results as replicated (an input written in place is
     returned as itself). _NOT_LOCAL when some input is sharded or partial, or the op is
-    random."""
-    from torch.utils._pytree import tree_flatten, tree_map
-    leaves, _ = tree_flatten((args, kwargs))
-    pg = None
-    for x in leaves:
-        if type(x) is ShardedTensor:
-            if not x._spec.is_replicate:
-                return _NOT_LOCAL
-            pg = pg or x._pg
-    fname = getattr(func, "__name__", "") or ""
-    if pg is None or any(r in fname for r in _RANDOM):
+    random (each rank would draw its own values); `_tp_one` covers groups of one rank."""
+    sts = _sharded_leaves(args, kwargs)
+    if not sts:
         return _NOT_LOCAL
-    owners = {}
+    if all(x._pg.tp_world_size() == 1 for x in sts):
+        return _run_locally(func, args, kwargs, sts)
+    fname = getattr(func, "__name__", "") or ""
+    if not all(x._spec.is_replicate for x in sts) or any(r in fname for r in _RANDOM):
+        return _NOT_LOCAL
+    return _run_locally(func, args, kwargs, sts)
 
-    def unwrap(x):
-        if type(x) is ShardedTensor:
-            owners[id(x._local)] = x
-            return x._local
-        return x
 
+def _tp_one(func, args, kwargs):
+    """Where every ShardedTensor input lives on a tensor-parallel group of one rank (tp=1), its
+    shard (any layout of degree 1) is the whole tensor: an op a rule refuses runs on the local
+    tensors, exactly as serially (errors included). Called on the refusal path only."""
+    sts = _sharded_leaves(args, kwargs)
+    if not sts or any(x._pg.tp_world_size() != 1 for x in sts):
+        return _NOT_LOCAL
+    return _run_locally(func, args, kwargs, sts)
+
+
+def _run_locally(func, args, kwargs, sts):
+    """`func` on the local tensors of `args` (each holding its whole value): new tensor results
+    are presented replicated, an input written in place is returned as itself, and one whose
+    shape an in-place op changed (`unsqueeze_`, `resize_`, out= resized) takes a fresh wrapper
+    of the new shape (torch.utils.swap_tensors, as transpose_'s rule does)."""
+    from torch.utils._pytree import tree_map
+    fname = getattr(func, "__name__", "") or ""
+    if fname in _RESHAPING or "out" in kwargs:   # swap_tensors refuses weakly referenced
+        import weakref                            # tensors: refuse before writing anything
+        for x in sts:
+            if weakref.getweakrefs(x):
+                raise UnsupportedOpError(
+                    f"{_trace.func_name(func)}: changing the shape of a weakly referenced "
+                    f"ShardedTensor with {x._spec!r} and shape {tuple(x._gshape)} in place is "
+                    f"not supported (its wrapper cannot be replaced); use the out-of-place form")
+    owners = {id(x._local): x for x in sts}
+    shapes = [(x, x._local.shape) for x in sts]
+    pg = sts[0]._pg
+    unwrap = lambda x: x._local if type(x) is ShardedTensor else x
     _trace.current_op[0] = func
     with _DisableTF():
         out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+    for x, shape in shapes:
+        if x._local.shape != shape:
+            _reshaped_in_place(x)
 
     def present(y):
         if not isinstance(y, torch.Tensor) or type(y) is ShardedTensor:
@@ -477,6 +512,13 @@ def _replicated_locally(func, args, kwargs):
         owner = owners.get(id(y))
         return owner if owner is not None else wrap(y, _REPLICA, pg, y.shape)
     return tree_map(present, out)
+
+
+def _reshaped_in_place(x: "ShardedTensor") -> None:
+    """`x`'s shard (its whole value) changed shape in place: `x` presents it, replicated."""
+    fresh = wrap(x._local, _REPLICA, x._pg, x._local.shape, x._compute_spec)
+    fresh.__dict__.update({k: v for k, v in x.__dict__.items() if k not in OWN_ATTRS})
+    torch.utils.swap_tensors(x, fresh)
 
 
 def _no_rule(func, args, kwargs):

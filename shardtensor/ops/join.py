@@ -348,6 +348,9 @@ def getitem(func, args, kwargs):
         out = x._local[idx]
         return wrap(out, spec, pg, out.shape)
     plan = _index_plan(x, idx, func)
+    if spec.degree == 1 and (plan is None or plan[0] is False):   # where a copy would stand for
+        out = x._local[idx]          # the view: the shard is the whole tensor, serial's view
+        return wrap(out, REPLICA, pg, out.shape)
     if plan is None:
         dims = _dim_items(idx, len(x._gshape))
         p = dims.index(spec.dim)

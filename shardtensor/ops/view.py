@@ -125,6 +125,8 @@ def reshape_to(x, oshape, func, view: bool):
         try:
             local = local.view(lshape) if view else local.reshape(lshape)
         except RuntimeError:   # the shard is a non-contiguous slice where the global tensor is not
+            if spec.degree == 1:   # (unless the shard is the whole tensor: serial's error)
+                raise
             return _copied_view(wrap(local.reshape(lshape), out, x._pg, oshape), x, view)
         return wrap(local, out, x._pg, oshape)
     oshape = _infer(oshape, prod(gshape), "view")
@@ -137,8 +139,13 @@ def reshape_to(x, oshape, func, view: bool):
         try:
             local = local.view(lshape) if view else local.reshape(lshape)
         except RuntimeError:   # the shard is a non-contiguous slice where the global tensor is not
+            if spec.degree == 1:   # (unless the shard is the whole tensor: serial's error)
+                raise
             return _copied_view(wrap(local.reshape(lshape), out, x._pg, oshape), x, view)
         return wrap(local, out, x._pg, oshape)
+    if spec.degree == 1:   # the shard is the whole tensor: serial's view (or its error)
+        local = x._local.view(oshape) if view else x._local.reshape(oshape)
+        return wrap(local, REPLICA, x._pg, oshape)
     full = to_layout(x, REPLICA, x._pg, func).reshape(oshape)
     local = to_layout(full, out, x._pg, func)
     if view and local._base is not None:   # (a view of a collective's output cannot be
@@ -440,10 +447,11 @@ def repeat(func, args, kwargs):
     g = tuple(x._gshape)
     k = len(reps) - len(g)
     out = tuple(reps[:k]) + tuple(v * r for v, r in zip(g, reps[k:]))
+    local = x._local.repeat(reps)   # (torch's own errors first)
     spec = x._spec
-    if spec.is_shard:
-        spec = shard_spec(spec.dim + k, spec.degree, spec.stride * reps[spec.dim + k])
-    return wrap(x._local.repeat(reps), spec, x._pg, out)
+    if spec.is_shard:   # repeated 0 times: an empty dim, any stride lays it out
+        spec = shard_spec(spec.dim + k, spec.degree, spec.stride * reps[spec.dim + k] or 1)
+    return wrap(local, spec, x._pg, out)
 
 
 @rule(T.repeat_interleave, torch.repeat_interleave)

@@ -78,10 +78,15 @@ def _inplace_and_refusals(rank):
                                           shape=(4, 6))
     for key, fn in [("sharded", lambda: torch.diag_embed(sharded)),
                     ("partial", lambda: torch.diag_embed(partial)),
-                    ("random", lambda: torch.poisson(x.abs()))]:
+                    ("random", lambda: torch.poisson(x.abs() + 1))]:
         try:
-            fn()
-            out[key] = None
+            torch.manual_seed(0)
+            got = fn().full()
+            torch.manual_seed(0)   # the same call on the plain value
+            want = {"sharded": lambda: torch.diag_embed(torch.zeros(4, 6)),
+                    "partial": lambda: torch.diag_embed(torch.zeros(4, 6)),
+                    "random": lambda: torch.poisson(x.full().abs() + 1)}[key]()
+            out[key] = torch.equal(got, want)
         except st.UnsupportedOpError as e:
             out[key] = str(e)
     return out
@@ -91,6 +96,33 @@ def _inplace_and_refusals(rank):
 def test_inplace_keeps_object_and_others_refuse(world):
     for out in run(world, _inplace_and_refusals):
         assert out["same object"] and out["value"] == 4.0
+        if world == 1:   # a layout of degree 1 is the whole tensor: serial's op and values
+            assert out["sharded"] is True and out["partial"] is True and out["random"] is True
+            continue
         assert "diag_embed" in out["sharded"] and "ShardSpec" in out["sharded"]
         assert "diag_embed" in out["partial"] and "PartialSpec" in out["partial"]
         assert "poisson" in out["random"]   # each rank would draw other numbers
+
+
+def _reshaped_in_place(rank):
+    pg = st.ProcessGroup()
+    x = torch.arange(24.0).reshape(4, 6)
+    out = {}
+    for name, fn in [("unsqueeze_", lambda t: t.unsqueeze_(1)),
+                     ("squeeze_", lambda t: t.unsqueeze(0).squeeze_(0).unsqueeze_(0).squeeze_()),
+                     ("resize_", lambda t: t.resize_(3, 8))]:
+        t = st.ShardedTensor.from_global(x.clone(), pg, st.ReplicaSpec())
+        got = fn(t)
+        want = fn(x.clone())
+        out[name] = (tuple(got.shape), got.dim(), tuple(got.full().shape),
+                     torch.equal(got.full(), want), tuple(want.shape))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_in_place_shape_changes_reach_the_wrapper(world):
+    # an in-place op with no rule that changes a replicated tensor's shape (unsqueeze_, resize_)
+    # ran on the shard only: the wrapper kept presenting the old shape over the new shard
+    for out in run(world, _reshaped_in_place):
+        for name, (shape, nd, full_shape, same, want) in out.items():
+            assert shape == full_shape == want and nd == len(want) and same, name

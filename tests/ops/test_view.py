@@ -151,7 +151,7 @@ def view_ops(draw, shape):
             out = out[:len(lead)] + tuple(-1 if v != 1 else v for v in out[len(lead):])
         return Op(kind, out)
     if kind == "repeat":
-        return Op(kind, tuple(draw(hs.lists(hs.integers(1, 3), min_size=nd, max_size=nd + 1))))
+        return Op(kind, tuple(draw(hs.lists(hs.integers(0, 3), min_size=nd, max_size=nd + 1))))
     if kind == "repeat_interleave":
         return Op(kind, draw(hs.integers(1, 3)), draw(hs.one_of(hs.none(), dim)))
     if kind == "roll":
@@ -261,6 +261,14 @@ def _repeat_kv(rank, b, kv, n_rep, s, d):
 def test_repeat_kv_keeps_heads_sharded_locally(world):
     spec, nev = run(world, _repeat_kv, 2, 4, 3, 5, 2)[0]
     assert spec == st.ShardSpec(1, world) and nev == 0
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("reps", [(0, 2), (2, 0), (3, 0, 1), (1, 0, 0)])
+def test_repeat_zero_times_matches_serial(world, reps):
+    # repeating the sharded dim 0 times gave ShardSpec(stride=0): ValueError where serial
+    # returns an empty tensor
+    run(world, check_op, (3, 5), st.ShardSpec(1, world), Op("repeat", reps), 0)
 
 
 def test_repeat_kv_uneven_heads_is_exact():
