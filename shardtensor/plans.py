@@ -294,3 +294,7 @@ for _name in ("gpt_neox", "bloom", "falcon"):
     register_plan(_name, fused_per_head_plan)
 for _name in ("vit", "clip", "whisper", "bart"):
     register_plan(_name, encoder_plan)
+# conv nets: no rule shards Conv2d / BatchNorm over channels (a BatchNorm's running statistics are
+# buffers, which plans do not shard), so every parameter is replicated: the model runs unchanged
+# and communicates nothing
+register_plan("resnet", {"*": "replicate"})

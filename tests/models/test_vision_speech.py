@@ -42,6 +42,10 @@ def _config(arch: str, layers: int):
     if arch == "whisper":
         return tf.WhisperForConditionalGeneration, tf.WhisperConfig(
             num_mel_bins=8, max_source_positions=8, max_target_positions=16, **seq2seq)
+    if arch == "resnet":
+        return tf.ResNetForImageClassification, tf.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[layers, layers], layer_type="basic",
+            num_labels=5)
     if arch == "bart":
         return tf.BartForConditionalGeneration, tf.BartConfig(
             max_position_embeddings=32, **dict(seq2seq, decoder_attention_heads=2 if variant else 4))
@@ -50,7 +54,8 @@ def _config(arch: str, layers: int):
 
 def build(arch: str, layers: int = 2, seed: int = 0):
     cls, config = _config(arch, layers)
-    config._attn_implementation = "sdpa"
+    if arch != "resnet":
+        config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return cls(config).train()
 
@@ -69,7 +74,7 @@ def _inputs(arch: str, seed: int):
     mask = torch.ones_like(ids)
     mask[-1, -2:] = 0                                  # right padding on the last row
     pixels = torch.randn(2, 3, 16, 16, generator=g)
-    if arch == "vit":
+    if arch in ("vit", "resnet"):
         return dict(pixel_values=pixels, labels=torch.randint(0, 5, (2,), generator=g))
     if arch == "clip":
         ids[:, -1] = 2                                 # eos: CLIP pools at the highest id
@@ -198,3 +203,39 @@ def test_arch_equals_serial(arch, world):
         assert tokens == ref and n == 6, generated
         assert len({t for row in ref for t in row}) > 1, ref  # not one token over and over
         assert err < 1e-4, err                          # every step's scores
+
+
+def _resnet(rank, world):
+    """ResNet (BatchNorm) replicated by its plan, in training mode: loss, logits, gradients,
+    BatchNorm's running statistics after two AdamW steps, eval logits; and its collectives."""
+    pg = st.ProcessGroup(tp_degree=world)
+    serial = build("resnet")
+    model = st.parallelize(copy.deepcopy(serial), pg)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for m in (serial, model)]
+    errs = {}
+    with st.CommTrace() as trace:
+        for step in range(2):
+            outs = []
+            for m, opt in zip((serial, model), opts):
+                opt.zero_grad()
+                outs.append(m(**_batch("resnet", 1 + step)))
+                outs[-1].loss.backward()
+                opt.step()
+            errs[f"loss {step}"] = _rel(outs[1].loss, outs[0].loss)
+            errs[f"logits {step}"] = _rel(outs[1].logits, outs[0].logits)
+    for (name, p), q in zip(model.named_parameters(), serial.parameters()):
+        errs[name] = _rel(p, q)
+    for (name, b), c in zip(model.named_buffers(), serial.buffers()):
+        errs[name] = _rel(b, c)
+    serial.eval(), model.eval()
+    pixels = _batch("resnet", 5)["pixel_values"]
+    errs["eval logits"] = _rel(model(pixel_values=pixels).logits, serial(pixel_values=pixels).logits)
+    return errs, len(trace.events), {str(p.spec) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_resnet_runs_replicated(world):
+    errs, collectives, specs = run(world, _resnet, world)[0]
+    bad = {k: v for k, v in errs.items() if not v < 1e-5}
+    assert not bad, bad
+    assert collectives == 0 and specs == {str(st.ReplicaSpec())}, (collectives, specs)
