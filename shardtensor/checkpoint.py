@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from .checkpoint_io import (CheckpointError, SafetensorsFile, checked, fsync_dir, gather_bytes,
                             overlap, world_info, write_durable, agree, blocks, dtype_name,
@@ -338,8 +339,10 @@ class Reader:
         self.files.clear()
 
 
-def match(targets: Dict[str, List[str]], index: dict, where: str) -> Dict[str, str]:
-    """Target name -> checkpoint tensor name, through tied names; errors list what is missing."""
+def match(targets: Dict[str, List[str]], index: dict, where: str,
+          strict: bool = True) -> Tuple[Dict[str, str], List[str], List[str]]:
+    """Target name -> checkpoint tensor name, through tied names, and the names (every tied
+    name) missing from the checkpoint and unexpected in it; with `strict` either is an error."""
     names, aliases = index["tensors"], index.get("aliases", {})
     found, missing = {}, []
     for name, all_names in targets.items():
@@ -349,15 +352,17 @@ def match(targets: Dict[str, List[str]], index: dict, where: str) -> Dict[str, s
         else:
             found[name] = hit
     unexpected = sorted(set(names) - set(found.values()))
-    if missing or unexpected:
+    if strict and (missing or unexpected):
         msg = f"checkpoint {where} does not match the model:"
         if missing:
             msg += f" missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)});"
         if unexpected:
             msg += (f" unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
                     f" ({len(unexpected)})")
-        raise CheckpointError(msg)
-    return found
+        raise CheckpointError(msg + " (st.load(..., strict=False) loads the tensors that match)")
+    gone = set(unexpected)
+    unexpected_keys = sorted(unexpected + [a for a, n in aliases.items() if n in gone])
+    return found, [n for m in missing for n in targets[m]], unexpected_keys
 
 
 def check_meta(target: Target, meta: dict, where: str) -> None:
@@ -379,11 +384,13 @@ def stage(targets: Dict[str, Target], found: Dict[str, str], reader: Reader, whe
     return out
 
 
-def load(obj, path: str, *, model: Optional[nn.Module] = None) -> None:
+def load(obj, path: str, *, model: Optional[nn.Module] = None, strict: bool = True):
     """Collective: load the checkpoint at `path` into `obj` (an nn.Module, or an optimizer with
     `model=`), at whatever tp x dp layout `obj` has now. Verifies checksums, names, shapes and
     dtypes first; on any problem raises CheckpointError on every rank and changes nothing.
-    A model built on the meta device is materialised (as `load_pretrained` does)."""
+    A model built on the meta device is materialised (as `load_pretrained` does). For a model,
+    returns torch's (missing_keys, unexpected_keys); `strict=False` loads what matches, as
+    `load_state_dict(strict=False)` does, instead of refusing a checkpoint that differs."""
     if isinstance(obj, torch.optim.Optimizer):
         from .optim_state import load_optimizer
         return load_optimizer(obj, path, model)
@@ -404,25 +411,33 @@ def load(obj, path: str, *, model: Optional[nn.Module] = None) -> None:
             raise CheckpointError(f"checkpoint {root} holds a {index.get('kind')} state, not a "
                                   f"model's")
         where = os.path.join(root, INDEX)
-        found = match(names, index, where)
-        unfillable = uncomputable_buffers(obj, [id(t) for t in tensors.values()])
+        found, missing, unexpected = match(names, index, where, strict)
+        params = {id(p) for p in obj.parameters()}
+        empty = [n for n, t in tensors.items() if n not in found and t.is_meta and id(t) in params]
+        if empty:   # (strict=False)
+            raise CheckpointError(f"shardtensor.load: parameters {empty[:5]} are on the meta "
+                                  f"device and not in the checkpoint {root}: nothing to fill "
+                                  f"them with")
+        unfillable = uncomputable_buffers(obj, [id(tensors[n]) for n in found])
         if unfillable:   # (non-persistent buffers of a meta-built model)
             raise CheckpointError(f"shardtensor.load: buffers {unfillable} are on the meta "
                                   f"device, not in the checkpoint {root}, and the model has no "
                                   f"_init_weights to recompute them; build the model with "
                                   f"buffers off the meta device")
         reader = Reader(root, index)
-        return stage({n: Target(n, t) for n, t in tensors.items()}, found, reader, where)
+        targets = {n: Target(n, tensors[n]) for n in found}
+        return stage(targets, found, reader, where), missing, unexpected
     try:
-        staged = checked(prepare)
+        staged, missing, unexpected = checked(prepare)
     finally:
         if reader is not None:
             reader.close()
     with torch.no_grad():
-        for name, t in tensors.items():
-            fill(t, staged[name])   # copies in place; materialises a meta tensor
+        for name, buf in staged.items():
+            fill(tensors[name], buf)   # copies in place; materialises a meta tensor
         if any(b.is_meta for b in obj.buffers()):
             materialise_buffers(obj)
+    return _IncompatibleKeys(missing, unexpected)
 
 
 # --- gathering a full state dict -----------------------------------------------------------------

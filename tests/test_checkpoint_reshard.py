@@ -189,3 +189,67 @@ def test_optimizer_checkpoint_that_does_not_fit_names_the_parameters(tmp_path):
     assert "parameter 0 is 'group0.param0' here, 'emb.weight' saved" in named, named
     assert "group 0 parameter 2 is 'proj.weight' here, 'qkv.bias' saved" in grouped, grouped
     assert "groups of [6, 5] parameters here, [11] saved" in grouped, grouped
+
+
+# --- strict=False: a checkpoint of another head loads what matches, as load_state_dict does -------
+
+class NetCls(Net):
+    """Net with a new (row-parallel) classifier: a fine-tuning model over Net's checkpoint."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Linear(10, 3)
+
+
+def _net_cls(tp, seed=0, meta=False):
+    torch.manual_seed(seed)
+    if meta:
+        with torch.device("meta"):
+            model = NetCls()
+    else:
+        model = NetCls()
+    if tp:
+        st.parallelize(model, st.ProcessGroup(tp_degree=tp), plan={**PLAN, "cls.*": "row"})
+    return model
+
+
+def _save_both(rank, d):
+    st.save(_net(2), d + "/net")
+    st.save(_net_cls(2, seed=1), d + "/cls")
+
+
+def _load_lenient(rank, d):
+    tp = torch.distributed.get_world_size()
+    out = {}
+    model = _net_cls(tp, seed=5)                  # cls keeps its own weights
+    out["more"] = tuple(st.load(model, d + "/net", strict=False)), st.full_state_dict(model)
+    model = _net(tp, seed=5)
+    out["fewer"] = tuple(st.load(model, d + "/cls", strict=False)), st.full_state_dict(model)
+    model = _net(tp, seed=5)
+    out["exact"] = tuple(st.load(model, d + "/net")), st.full_state_dict(model)
+    with pytest.raises(st.CheckpointError, match=r"missing tensors \['cls.weight', 'cls.bias'\].*strict=False"):
+        st.load(_net_cls(tp), d + "/net")
+    model = _net_cls(tp, meta=True)               # nothing to fill cls with: nothing loaded
+    with pytest.raises(st.CheckpointError, match=r"parameters \['cls.weight', 'cls.bias'\] are on the meta"):
+        st.load(model, d + "/net", strict=False)
+    out["meta untouched"] = all(_is_meta(t) for t in model.state_dict(keep_vars=True).values())
+    return out
+
+
+@pytest.mark.parametrize("world", (1, 2, 4))
+def test_load_strict_false_loads_what_matches_like_load_state_dict(tmp_path, world):
+    d = str(tmp_path)
+    run(2, _save_both, d)
+    expect = {}
+    for key, (model, source) in {"more": (_net_cls(None, seed=5), _net(None)),
+                                 "fewer": (_net(None, seed=5), _net_cls(None, seed=1)),
+                                 "exact": (_net(None, seed=5), _net(None))}.items():
+        keys = model.load_state_dict(source.state_dict(), strict=False)
+        expect[key] = (keys.missing_keys, sorted(keys.unexpected_keys)), model.state_dict()
+    assert expect["more"][0] == (["cls.weight", "cls.bias"], [])
+    for out in run(world, _load_lenient, d)[:1]:
+        assert out["meta untouched"]
+        for key, ((missing, unexpected), state) in expect.items():
+            assert (out[key][0][0], sorted(out[key][0][1])) == (missing, unexpected), key
+            assert out[key][1].keys() == state.keys()
+            assert all(torch.equal(out[key][1][k], v) for k, v in state.items()), key
