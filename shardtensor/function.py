@@ -317,12 +317,41 @@ def _mark_dirty(self, *args):
 _mark_dirty.__doc__ = _ORIG_MARK_DIRTY.__doc__
 
 
+_ORIG_AUTOGRAD_BACKWARD = torch.autograd.backward
+
+
+def _autograd_backward(tensors, *args, **kwargs):
+    """`torch.autograd.backward` for a torch whose own does not ask `__torch_function__`
+    (before 2.10; reentrant checkpoint's backward calls it on the recomputed outputs, which on
+    ShardedTensors must run over the shards: the engine on the wrappers reaches nothing)."""
+    seq = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    inputs = kwargs.get("inputs", args[4] if len(args) > 4 else None)
+    seq += (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs or ())
+    if any(type(t) is ST for t in seq):
+        from .ops.meta import autograd_backward
+        return autograd_backward(_ORIG_AUTOGRAD_BACKWARD, (tensors,) + args, kwargs)
+    return _ORIG_AUTOGRAD_BACKWARD(tensors, *args, **kwargs)
+
+
+def _asks_torch_function(f) -> bool:
+    import inspect
+    try:
+        return "handle_torch_function" in inspect.getsource(f)
+    except (OSError, TypeError):
+        return True
+
+
 def install() -> None:
     """Route `torch.autograd.Function.apply` calls that get a ShardedTensor through the bridge
-    (done on `import shardtensor`; idempotent)."""
+    (done on `import shardtensor`; idempotent); on torch < 2.10 also `torch.autograd.backward`
+    called on ShardedTensors (newer torch asks their `__torch_function__` itself)."""
     if _Function.__dict__["apply"].__func__ is not _apply:
         _Function.apply = classmethod(_apply)
         _FunctionCtx.mark_dirty = _mark_dirty
+    if torch.autograd.backward is _ORIG_AUTOGRAD_BACKWARD and \
+            not _asks_torch_function(_ORIG_AUTOGRAD_BACKWARD):
+        _autograd_backward.__doc__ = _ORIG_AUTOGRAD_BACKWARD.__doc__
+        torch.autograd.backward = _autograd_backward
     # shardtensor's own Functions (the collectives' f/g pairs, the bridge) only ever see shards:
     # they keep torch's apply, so the rules' hot path pays nothing for the bridge
     from . import collectives

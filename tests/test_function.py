@@ -228,6 +228,41 @@ def test_checkpointed_megatron_mlp(reentrant):
         assert [k for _, k in kinds] == ["all_reduce"] * (3 if reentrant else 2), kinds
 
 
+def _checkpoint_with_old_torch_backward(rank):
+    """torch < 2.10's `torch.autograd.backward` asks no `__torch_function__`, so reentrant
+    checkpoint's backward ran the engine on the wrappers and every gradient stayed None; on such
+    a torch shardtensor installs `function._autograd_backward` in its place. Here torch's own
+    is made to ignore `__torch_function__` as before 2.10, and the replacement installed."""
+    from shardtensor import function
+    saved, orig = torch.autograd.backward, function._ORIG_AUTOGRAD_BACKWARD
+
+    def old_torch_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                           grad_variables=None, inputs=None):   # torch 2.4's, in short
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        grads = (grad_tensors,) if isinstance(grad_tensors, torch.Tensor) else \
+            tuple(grad_tensors or (None,) * len(tensors))
+        grads = torch.autograd._make_grads(tensors, grads, is_grads_batched=False)
+        torch.autograd.graph._engine_run_backward(
+            tensors, grads, create_graph if retain_graph is None else retain_graph,
+            create_graph, tuple(inputs or ()), allow_unreachable=True, accumulate_grad=True)
+
+    function._ORIG_AUTOGRAD_BACKWARD = old_torch_backward
+    torch.autograd.backward = function._autograd_backward
+    try:
+        return _mlp_checkpoint(rank, True)
+    finally:
+        torch.autograd.backward, function._ORIG_AUTOGRAD_BACKWARD = saved, orig
+
+
+def test_old_torch_autograd_backward_routes_sharded_tensors_to_the_shards():
+    from shardtensor import function
+    installed = torch.autograd.backward is function._autograd_backward
+    assert installed == (not function._asks_torch_function(function._ORIG_AUTOGRAD_BACKWARD))
+    for err, kinds in run(2, _checkpoint_with_old_torch_backward):
+        assert err < 1e-5
+        assert [k for _, k in kinds] == ["all_reduce"] * 3, kinds
+
+
 def _residual_checkpoint_plain_input(rank):
     """`h + checkpoint(block, h)` with a plain, non-leaf `h` (no ShardedTensor goes into the
     checkpoint, sharded parameters inside it): the bridge's backward walks `h`'s history

@@ -482,6 +482,20 @@ def new_factory(func, args, kwargs):
     return func(loc, size, *others, **kw)
 
 
+@rule(T.new)
+def legacy_new(func, args, kwargs):
+    """The legacy `x.new(...)` (torch 2.4's `nn.init.orthogonal_` calls `x.new(rows, cols)`):
+    sizes (ints or a torch.Size) make an uninitialized tensor like `new_empty`; data (a list, a
+    tuple, a tensor) is copied like `new_tensor`; no argument gives an empty tensor."""
+    x, rest = args[0], [_numbers(a) for a in args[1:]]
+    if rest and (isinstance(rest[0], torch.Size) or all(isinstance(a, int) for a in rest)):
+        size = tuple(rest[0]) if isinstance(rest[0], torch.Size) else tuple(rest)
+        return new_factory(T.new_empty, (x, size), kwargs)
+    if not rest:
+        return new_factory(T.new_empty, (x, (0,)), kwargs)
+    return new_factory(T.new_tensor, (x, *rest), kwargs)
+
+
 _NN_INIT = tuple(getattr(torch.nn.init, n) for n in ("uniform_", "normal_", "constant_",
                                                       "kaiming_uniform_"))
 

@@ -81,6 +81,11 @@ FACTORIES = {
     "new_empty": lambda t, s: t.new_empty(s).fill_(1.0),
     "new_tensor": lambda t, s: t.new_tensor([[1.0, 2.0]]),
     "new_zeros(requires_grad)": lambda t, s: t.new_zeros(s, requires_grad=True),
+    # the legacy constructor (torch 2.4's nn.init.orthogonal_ calls x.new(rows, cols))
+    "new(*ints)": lambda t, s: t.new(*s).fill_(1.0),
+    "new(Size)": lambda t, s: t.new(torch.Size(s)).fill_(1.0),
+    "new(data)": lambda t, s: t.new([[1.0, 2.0]]),
+    "new()": lambda t, s: t.new(),
 }
 
 
@@ -108,4 +113,4 @@ def test_new_factories_equal_serial(world, data):
     same = data.draw(hs.booleans(), "same size")
     keeps = run(world, _factory, name, shape, spec, same)[0]
     # x's own shape from a sharded x: laid out like x (no full-size buffer on any rank)
-    assert keeps == (same and spec.is_shard and name != "new_tensor")
+    assert keeps == (same and spec.is_shard and name not in ("new_tensor", "new(data)", "new()"))
