@@ -20,12 +20,19 @@ def shard_param(param: torch.Tensor, pg: ProcessGroup, spec: Spec,
     """Convert `param` in place to a ShardedTensor laid out by `spec`: afterwards the same Python
     object (still the module's parameter, still in any optimizer that holds it) is sharded, and
     its `.grad` will be a ShardedTensor with the same layout. Returns `param`."""
+    return _shard_param(param, pg, spec, compute_spec, "shard_param")
+
+
+def _shard_param(param, pg, spec, compute_spec, where: str):
+    """shard_param, its errors naming `where` (the helper the user called)."""
     if not isinstance(param, torch.Tensor):
-        raise TypeError(f"expected a tensor or nn.Parameter, got {type(param).__name__}")
+        raise TypeError(f"{where}: expected a tensor or nn.Parameter, got {type(param).__name__}")
     if isinstance(param, ShardedTensor):
-        raise ShardingError(f"this parameter is already sharded with {param.spec!r} and global "
-                            f"shape {tuple(param.shape)}; use .redistribute(spec) to change it")
-    spec = _check_spec(spec, param.shape, pg, "shard_param")
+        raise ShardingError(f"{where}: this parameter (global shape {tuple(param.shape)}) is "
+                            f"already sharded with {param.spec!r} by an earlier split_row / "
+                            f"split_col / replicate / parallelize; annotate each parameter once "
+                            f"(to lay it out otherwise, annotate the serial model that way)")
+    spec = _check_spec(spec, param.shape, pg, where)
     with torch.no_grad():
         full = param.detach()
         if spec.is_shard:
@@ -53,7 +60,7 @@ def shard_param(param: torch.Tensor, pg: ProcessGroup, spec: Spec,
         try:
             torch.utils.swap_tensors(param, new)
         except RuntimeError as e:
-            raise ShardingError(f"could not convert the parameter of shape {tuple(full.shape)} "
+            raise ShardingError(f"{where}: could not convert the parameter of shape {tuple(full.shape)} "
                                 f"in place ({e}); annotate parameters before running the "
                                 f"model") from e
     if grad is not None:
@@ -65,7 +72,7 @@ def split_row(param: torch.Tensor, pg: ProcessGroup, stride: int = 1,
               compute_spec: Optional[ComputeSpec] = None) -> torch.Tensor:
     """Shard dim 0 of `param` in place (an nn.Linear weight: column parallel, Megatron's
     ColumnParallelLinear; a Conv1D weight (in, out): row parallel)."""
-    return shard_param(param, pg, ShardSpec(0, pg.tp_world_size(), stride), compute_spec)
+    return _shard_param(param, pg, ShardSpec(0, pg.tp_world_size(), stride), compute_spec, "split_row")
 
 
 def split_col(param: torch.Tensor, pg: ProcessGroup, stride: int = 1,
@@ -73,29 +80,48 @@ def split_col(param: torch.Tensor, pg: ProcessGroup, stride: int = 1,
     """Shard dim -1 of `param` in place (an nn.Linear weight: row parallel, Megatron's
     RowParallelLinear; a Conv1D weight (in, out): column parallel, e.g. GPT-2's fused c_attn with
     stride=3)."""
-    return shard_param(param, pg, ShardSpec(-1, pg.tp_world_size(), stride), compute_spec)
+    return _shard_param(param, pg, ShardSpec(-1, pg.tp_world_size(), stride), compute_spec, "split_col")
 
 
 def replicate(param: torch.Tensor, pg: ProcessGroup) -> torch.Tensor:
     """Mark `param` as replicated on every rank of the group (in place)."""
-    return shard_param(param, pg, ReplicaSpec())
+    return _shard_param(param, pg, ReplicaSpec(), None, "replicate")
 
 
-def _layout(action, pg: ProcessGroup, name: str) -> Spec:
+_OPTIONS = ("stride",)
+
+
+def _layout(action, pg: ProcessGroup, name: str, glob: str) -> Spec:
+    """The layout plan entry `glob: action` gives parameter `name`; a bad entry is a ValueError
+    naming parallelize, the entry and the parameter."""
     n = pg.tp_world_size()
     if isinstance(action, (ShardSpec, ReplicaSpec)):
         return action
+    where = f"parallelize: plan entry {glob!r}: {action!r} (for parameter {name!r})"
     opts = {}
     if isinstance(action, tuple):
+        if len(action) != 2 or not isinstance(action[1], dict):
+            raise ValueError(f"{where}: a tuple entry is (layout, options), e.g. "
+                             f"('col', {{'stride': 3}})")
         action, opts = action
-    if action == "row":
-        return ShardSpec(0, n, **opts)
-    if action == "col":
-        return ShardSpec(-1, n, **opts)
-    if action == "replicate":
+        bad = [k for k in opts if k not in _OPTIONS]
+        if bad:
+            import difflib
+            hint = {k: difflib.get_close_matches(str(k), _OPTIONS, 1) for k in bad}
+            said = ", ".join(f"{k!r}" + (f" (did you mean {hint[k][0]!r}?)" if hint[k] else "")
+                             for k in bad)
+            raise ValueError(f"{where}: unknown option {said}; the options are {list(_OPTIONS)}")
+    try:
+        if action == "row":
+            return ShardSpec(0, n, **opts)
+        if action == "col":
+            return ShardSpec(-1, n, **opts)
+    except (TypeError, ValueError) as e:    # a stride that is not a positive int
+        raise ValueError(f"{where}: {e}") from None
+    if action == "replicate" and not opts:
         return ReplicaSpec()
-    raise ValueError(f"parallelize: bad plan entry {action!r} for {name!r}; use 'row', 'col', "
-                     f"('col', {{'stride': 3}}), 'replicate' or a ShardSpec/ReplicaSpec")
+    raise ValueError(f"{where}: use 'row', 'col', ('col', {{'stride': 3}}), 'replicate' or a "
+                     f"ShardSpec/ReplicaSpec")
 
 
 def parallelize(model: nn.Module, pg: ProcessGroup, plan: Optional[dict] = None) -> nn.Module:
@@ -108,7 +134,8 @@ def parallelize(model: nn.Module, pg: ProcessGroup, plan: Optional[dict] = None)
     sharded like the bare model: globs see its names without PEFT's `base_model.model.` and
     `.base_layer`, and each LoRA adapter takes Megatron-LoRA's layout from its base layer
     (column-parallel base: lora_B split like the output; row-parallel: lora_A split like the
-    input; the other replicated). Already sharded parameters are left as they are.
+    input; the other replicated). Already sharded parameters are left as they are where the
+    plan agrees; a plan entry that asks another layout for one raises, changing nothing.
     `model.load_state_dict(sd, assign=True)` afterwards keeps the sharded parameters sharded."""
     import fnmatch
     from .plans import get_plan
@@ -123,24 +150,28 @@ def parallelize(model: nn.Module, pg: ProcessGroup, plan: Optional[dict] = None)
     in_tuner = {id(q) for layer in tuners.values() for q in layer.parameters(recurse=True)}
     base = {id(q) for layer in tuners.values() for q in layer.get_base_layer().parameters()}
     # decide every layout (and check it) before converting anything: bad input changes nothing
-    todo, decided, later = [], {}, []
+    todo, decided, later, again = [], {}, [], []
     for name, p in model.named_parameters():
-        if isinstance(p, ShardedTensor):
-            continue
-        if id(p) in adapters:
+        if id(p) in adapters and not isinstance(p, ShardedTensor):
             later.append((name, p))
             continue
+        glob = None
         if id(p) in in_tuner and id(p) not in base:   # other adapter weights: replicated
             action = "replicate"
         else:
             pname = _plan_name(name, prefix, tuners)
-            action = next((a for glob, a in plan.items() if fnmatch.fnmatchcase(pname, glob)),
-                          "replicate")
-        todo.append((name, p, _layout(action, pg, name)))
-        decided[id(p)] = todo[-1][2]
+            glob = next((g for g in plan if fnmatch.fnmatchcase(pname, g)), None)
+            action = "replicate" if glob is None else plan[glob]
+        spec = _layout(action, pg, name, glob)
+        if isinstance(p, ShardedTensor):   # annotated before: kept where the plan agrees
+            if glob is not None:
+                again.append((name, p, spec, glob, action))
+            continue
+        todo.append((name, p, spec, glob, action))
+        decided[id(p)] = spec
     for name, p in later:
         layer, which = adapters[id(p)]
-        todo.append((name, p, _lora_layout(layer, which, p, decided, pg)))
+        todo.append((name, p, _lora_layout(layer, which, p, decided, pg), None, None))
     if own_plan:   # a typo in a glob would leave a correct but unparallel model: say so
         names = [_plan_name(n, prefix, tuners) for n, _ in model.named_parameters()]
         unused = [g for g in plan if not any(fnmatch.fnmatchcase(n, g) for n in names)]
@@ -150,13 +181,26 @@ def parallelize(model: nn.Module, pg: ProcessGroup, plan: Optional[dict] = None)
                           f"{type(model).__name__} (names look like {names[:3]}); those "
                           f"layouts were not applied", stacklevel=2)
     checked = []
-    for name, p, spec in todo:
+    for name, p, spec, glob, action in todo + again:
+        entry = "" if glob is None else f" (plan entry {glob!r}: {action!r})"
         try:
-            checked.append((p, _check_spec(spec, p.shape, pg, "parallelize")))
+            spec = _check_spec(spec, p.shape, pg, "parallelize")
         except ValueError as e:
-            raise ValueError(f"parallelize: parameter {name!r} of shape {tuple(p.shape)}: {e}") from e
+            raise ValueError(f"parallelize: parameter {name!r} of shape {tuple(p.shape)}{entry}: "
+                             f"{e}") from e
+        if isinstance(p, ShardedTensor):
+            if spec != p._spec or p._pg != pg:
+                on = ("", "") if p._pg == pg else (f" on {p._pg!r}", f" on {pg!r}")
+                raise ShardingError(
+                    f"parallelize: parameter {name!r} of shape {tuple(p.shape)} is already "
+                    f"annotated with {p._spec!r}{on[0]}, but plan entry {glob!r}: {action!r} "
+                    f"asks for {spec!r}{on[1]}; a parameter is annotated once (by an earlier "
+                    f"parallelize or split_row / split_col / replicate): annotate the serial "
+                    f"model once, or make the plan agree")
+            continue
+        checked.append((p, spec))
     for p, spec in checked:
-        shard_param(p, pg, spec)
+        _shard_param(p, pg, spec, None, "parallelize")
     _shard_on_assign(model)
     return model
 

@@ -104,3 +104,72 @@ def test_a_plan_glob_matching_no_parameter_is_named():
         assert len(typo) == 1 and "'0.wieght'" in typo[0] and "0.bias" not in typo[0].split("(")[0]
         assert not typo_sharded
         assert ok == [] and ok_sharded
+
+
+def _state(model):
+    """(name, layout or None, full value) of every parameter: what a failed call must not change."""
+    return [(n, p.spec if isinstance(p, st.ShardedTensor) else None,
+             (p.full() if isinstance(p, st.ShardedTensor) else p).detach().clone())
+            for n, p in model.named_parameters()]
+
+
+def _same_state(a, b):
+    return [(n, s) for n, s, _ in a] == [(n, s) for n, s, _ in b] and all(
+        torch.equal(x, y) for (_, _, x), (_, _, y) in zip(a, b))
+
+
+# plan -> what the error must say besides "parallelize", the glob and the parameter
+_BAD_PLANS = [
+    ({"0.weight": ("col", {"strid": 3})}, "'strid' (did you mean 'stride'?)"),
+    ({"0.weight": ("col", {"stride": 0})}, "stride must be >= 1"),
+    ({"0.weight": ("row", {"dim": 1})}, "unknown option 'dim'"),
+    ({"0.weight": ("col", {}, 1)}, "(layout, options)"),
+    ({"0.weight": ("col", {"stride": 3})}, "not a multiple of stride 3"),
+    ({"0.*": "column"}, "use 'row', 'col'"),
+]
+
+
+def _named_errors(rank):
+    pg = st.ProcessGroup()
+    n = pg.tp_world_size()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+    said = []
+    for plan, hint in _BAD_PLANS:
+        before = _state(model)
+        with pytest.raises(ValueError) as e:
+            st.parallelize(model, pg, plan={"1.weight": "col", **plan})
+        glob = next(iter(plan))
+        said.append(all(s in str(e.value) for s in ("parallelize", repr(glob), "'0.weight'", hint)))
+        assert _same_state(before, _state(model)), plan   # nothing converted
+    # a parameter annotated twice: split_row then split_col names the helper
+    st.split_row(model[0].weight, pg)
+    before = _state(model)
+    with pytest.raises(st.ShardingError) as e:
+        st.split_col(model[0].weight, pg)
+    said.append("split_col" in str(e.value) and "already sharded" in str(e.value))
+    # ... then a plan that lays it out otherwise: parallelize, the parameter and the glob
+    with pytest.raises(st.ShardingError) as e:
+        st.parallelize(model, pg, plan={"1.weight": "col", "0.w*": "col"})
+    said.append(all(s in str(e.value) for s in (
+        "parallelize", "'0.weight'", "'0.w*'", repr(st.ShardSpec(0, n)), repr(st.ShardSpec(1, n)))))
+    assert _same_state(before, _state(model))   # 1.weight not converted either
+    # parallelize twice: the same plan again changes nothing, another plan is refused
+    st.parallelize(model, pg, plan={"0.weight": "row", "1.weight": "col"})
+    before = _state(model)
+    st.parallelize(model, pg, plan={"0.weight": "row", "1.weight": "col"})
+    assert _same_state(before, _state(model))
+    with pytest.raises(st.ShardingError) as e:
+        st.parallelize(model, pg, plan={"0.weight": "row", "1.*": "replicate"})
+    said.append(all(s in str(e.value) for s in ("parallelize", "'1.weight'", "'1.*'")))
+    assert _same_state(before, _state(model))
+    return said
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_plan_and_annotation_errors_name_their_cause_and_change_nothing(world):
+    # a misspelled option raised ShardSpec's TypeError (no parallelize, glob or parameter), a
+    # second split named no helper, and parallelize over annotated parameters silently kept
+    # the earlier layout where the new plan asked another
+    for said in run(world, _named_errors):
+        assert said == [True] * len(said)
