@@ -260,7 +260,7 @@ def encoder_plan(config, tp: int) -> Plan:
     heads do not divide by tp keeps its attention replicated (its MLP is still split)."""
     plan: Plan = {prefix + glob: "replicate" for prefix, heads in _attention_stacks(config)
                   if not _heads_fit(heads, tp) for glob in _ATTENTION}
-    plan.update({
+    for glob, layout in {   # after those: the first match wins (ViT's prefix is "": same globs)
         "*embed_tokens.weight": "row",                  # Whisper's decoder (tied proj_out)
         "*shared.weight": "row",                        # BART (tied embeddings and lm_head)
         "*token_embedding.weight": "row",               # CLIP's text tower
@@ -276,7 +276,8 @@ def encoder_plan(config, tp: int) -> Plan:
         "*fc2.weight": "col",
         "*output.dense.weight": "col",
         "*": "replicate",
-    })
+    }.items():
+        plan.setdefault(glob, layout)
     return plan
 
 for _cls in (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,

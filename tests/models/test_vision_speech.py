@@ -18,8 +18,9 @@ VOCAB = 61
 
 
 def _config(arch: str, layers: int):
-    """(model class, config) of a tiny random `arch`; "-uneven": BART with 2 decoder heads, CLIP
-    with 2 vision heads (over 4 ranks that attention stays replicated)."""
+    """(model class, config) of a tiny random `arch`; "-uneven": ViT with 2 heads, BART with 2
+    decoder heads, CLIP with 2 vision heads (over 4 ranks that attention stays replicated);
+    "-untied": Whisper with its own proj_out."""
     import transformers as tf
     arch, _, variant = arch.partition("-")
     enc = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
@@ -32,7 +33,7 @@ def _config(arch: str, layers: int):
     if arch == "vit":
         return tf.ViTForImageClassification, tf.ViTConfig(
             image_size=16, patch_size=4, num_labels=5, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0, **enc)
+            attention_probs_dropout_prob=0.0, **dict(enc, num_attention_heads=2 if variant else 4))
     if arch == "clip":
         return tf.CLIPModel, tf.CLIPConfig(
             text_config=dict(vocab_size=VOCAB, max_position_embeddings=16, eos_token_id=2,
@@ -41,7 +42,8 @@ def _config(arch: str, layers: int):
                 enc, num_attention_heads=2 if variant else 4)), projection_dim=16)
     if arch == "whisper":
         return tf.WhisperForConditionalGeneration, tf.WhisperConfig(
-            num_mel_bins=8, max_source_positions=8, max_target_positions=16, **seq2seq)
+            num_mel_bins=8, max_source_positions=8, max_target_positions=16,
+            tie_word_embeddings=not variant, **seq2seq)
     if arch == "resnet":
         return tf.ResNetForImageClassification, tf.ResNetConfig(
             embedding_size=8, hidden_sizes=[8, 16], depths=[layers, layers], layer_type="basic",
@@ -136,6 +138,7 @@ def _check(rank, arch, world):
         floor = grads[name[:-len("k_proj.bias")] + "q_proj.bias"].abs().max() if key_bias else 1e-5
         errs[name] = _rel(p.grad, grads[name], floor)
     sharded = sum(p.spec.is_shard for p in model.parameters())
+    vocab = {name: p.spec for name, p in model.named_parameters() if p.shape[:1] == (VOCAB,)}
     one = build(arch, layers=1)
     st.parallelize(one, pg)
     per_block = {k: v - _counts(one, batch)[0].get(k, 0) for k, v in two.items()}
@@ -155,7 +158,7 @@ def _check(rank, arch, world):
     steps = {name: _rel(p, q) for (name, p), q in zip(model.named_parameters(), serial.parameters())
              if not name.endswith("k_proj.bias")}
     return (errs, steps, per_block, sharded, _generate(arch, pg) if arch in GENERATE else None,
-            kinds)
+            kinds, vocab)
 
 
 GENERATE = ("whisper", "bart")
@@ -180,21 +183,26 @@ def _generate(arch, pg):
 # text layer plus a vision layer): Megatron's one all-reduce after attention and one after the
 # MLP forward, one for each one's input gradient backward; a decoder layer's cross-attention adds
 # one each. Where the heads do not divide by the degree ("-uneven" at tp 4) that attention is
-# replicated: no collective (BART's decoder layer 1 + 1, CLIP's vision layer 1 + 1).
+# replicated: no collective (ViT's layer and BART's decoder layer 1 + 1, CLIP's vision layer 1 + 1).
 EXPECTED = {
-    "vit": 2, "clip": 4, "whisper": 5, "bart": 5, "bart-uneven": 3, "clip-uneven": 3,
+    "vit": 2, "clip": 4, "whisper": 5, "bart": 5, "vit-uneven": 1, "bart-uneven": 3, "clip-uneven": 3,
+    "whisper-untied": 5,
 }
 CASES = [(a, w) for a in EXPECTED for w in ((4,) if "-" in a else (2, 4))]
 
 
 @pytest.mark.parametrize("arch,world", CASES)
 def test_arch_equals_serial(arch, world):
-    errs, steps, per_block, sharded, generated, kinds = run(world, _check, arch, world)[0]
+    errs, steps, per_block, sharded, generated, kinds, vocab = run(world, _check, arch, world)[0]
     bad = {k: v for k, v in errs.items() if not v < 1e-4}
     assert not bad, bad
     bad = {k: v for k, v in steps.items() if not v < 1e-9}   # float64 weights after AdamW
     assert not bad, bad
-    assert sharded >= 6, sharded                       # the plan really shards the model
+    assert sharded >= (4 if arch == "vit-uneven" else 6), sharded   # the plan really shards
+    # token embeddings and LM heads (tied or not) vocab-parallel; ViT has no vocabulary
+    vit = arch.startswith("vit")
+    assert set(vocab.values()) == (set() if vit else {st.ShardSpec(0, world)}), vocab
+    assert len(vocab) == (2 if arch == "whisper-untied" else 0 if vit else 1), vocab
     n = EXPECTED[arch]
     assert per_block == {("forward", "all_reduce"): n, ("backward", "all_reduce"): n}, per_block
     assert kinds == {"all_reduce"}, kinds              # nothing gathered, the logits neither
@@ -239,3 +247,48 @@ def test_resnet_runs_replicated(world):
     bad = {k: v for k, v in errs.items() if not v < 1e-5}
     assert not bad, bad
     assert collectives == 0 and specs == {str(st.ReplicaSpec())}, (collectives, specs)
+
+
+def _legacy_vit(heads: int):
+    """A module named like ViT before transformers 5.24 (BERT's names: attention.attention.query,
+    attention.output.dense, intermediate.dense, output.dense), with a ViT config."""
+    import transformers as tf
+    from torch import nn
+    lin = lambda n, m: nn.Linear(n, m)
+    layer = nn.Module()
+    layer.attention = nn.Module()
+    layer.attention.attention = nn.ModuleDict({k: lin(32, 32) for k in ("query", "key", "value")})
+    layer.attention.output = nn.ModuleDict({"dense": lin(32, 32)})
+    layer.intermediate = nn.ModuleDict({"dense": lin(32, 64)})
+    layer.output = nn.ModuleDict({"dense": lin(64, 32)})
+    layer.layernorm_before = nn.LayerNorm(32)
+    model = nn.Module()
+    model.vit = nn.Module()
+    model.vit.encoder = nn.Module()
+    model.vit.encoder.layer = nn.ModuleList([layer])
+    model.classifier = lin(32, 5)
+    model.config = tf.ViTConfig(hidden_size=32, num_attention_heads=heads, intermediate_size=64)
+    return model
+
+
+def _legacy_vit_layouts(rank, world):
+    pg = st.ProcessGroup(tp_degree=world)
+    return [{n: str(p.spec) for n, p in st.parallelize(_legacy_vit(h), pg).named_parameters()}
+            for h in (4, 2)]
+
+
+def test_vit_plan_covers_the_names_before_transformers_5_24():
+    four, two = run(4, _legacy_vit_layouts, 4)[0]
+    col, row, rep = (str(s) for s in (st.ShardSpec(0, 4), st.ShardSpec(1, 4), st.ReplicaSpec()))
+    attn = "vit.encoder.layer.0.attention."
+    for kind in ("query", "key", "value"):
+        for p in ("weight", "bias"):
+            assert four[f"{attn}attention.{kind}.{p}"] == col and two[f"{attn}attention.{kind}.{p}"] == rep
+    assert four[f"{attn}output.dense.weight"] == row and two[f"{attn}output.dense.weight"] == rep
+    for layouts in (four, two):                        # 2 heads over 4 ranks: the MLP still split
+        assert layouts["vit.encoder.layer.0.intermediate.dense.weight"] == col
+        assert layouts["vit.encoder.layer.0.intermediate.dense.bias"] == col
+        assert layouts["vit.encoder.layer.0.output.dense.weight"] == row
+        for name in ("output.dense.bias", "layernorm_before.weight"):
+            assert layouts[f"vit.encoder.layer.0.{name}"] == rep
+        assert layouts["classifier.weight"] == rep
