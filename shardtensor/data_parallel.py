@@ -33,8 +33,14 @@ class GradSync:
         self.size = pg.dp_world_size()
         self.enabled = True
         self._handles = []
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.leaves = [p._local if isinstance(p, ShardedTensor) else p for p in params]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.leaves = [p._local if isinstance(p, ShardedTensor) else p for _, p in named]
+        # tables with sparse gradients (nn.Embedding / EmbeddingBag(sparse=True)), known up
+        # front so that every replica sends the same payload whether or not it used them
+        tables = {id(m.weight) for m in model.modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+        self.sparse = {i for i, (_, p) in enumerate(named) if id(p) in tables}
         if self.size == 1:
             return
         if broadcast:  # replicas start identical: dp rank 0's shards win
@@ -79,42 +85,68 @@ class GradSync:
         return hook
 
     def _launch(self, b: int):
-        grads, missing = [], []
-        for k, i in enumerate(self.buckets[b]):
+        parts, rows, used = [], [], []
+        for i in self.buckets[b]:
             t = self.leaves[i]
-            if t.grad is None:  # unused in this step (or frozen): contributes zeros
-                t.grad = torch.zeros_like(t)
-                missing.append(k)
-            grads.append(t.grad)
+            g = t.grad
+            used.append(g is not None)
+            if i in self.sparse:   # sent dense, with one flag per row: the rows this replica used
+                r = torch.zeros(t.shape[0], dtype=t.dtype, device=t.device)
+                if g is None:
+                    g = torch.zeros_like(t)
+                elif g.layout == torch.sparse_coo:
+                    r[g._indices()[0]] = 1
+                    g = g.to_dense()
+                else:
+                    r.fill_(1)
+                rows.append(r)
+            elif g is None:   # unused in this step (or frozen): contributes zeros
+                g = t.grad = torch.zeros_like(t)
+            elif g.layout != torch.strided:
+                raise RuntimeError(f"data_parallel: parameter {self.names[i]!r} has a {g.layout} "
+                                   f"gradient; only nn.Embedding / nn.EmbeddingBag(sparse=True) "
+                                   f"weights may have sparse gradients")
+            parts.append(g)
         # one flag per parameter, summed with the gradients: how many replicas had a gradient.
         # A parameter no replica used gets grad None back, as serially and in DDP, so that the
         # optimizer skips it rather than stepping on zeros (weight decay, momentum would move it)
-        used = torch.ones(len(grads), dtype=grads[0].dtype, device=grads[0].device)
-        if missing:
-            used[missing] = 0
-        flat = torch.cat([g.reshape(-1) for g in grads] + [used])
+        flags = torch.tensor(used, dtype=parts[0].dtype, device=parts[0].device)
+        flat = torch.cat([g.reshape(-1) for g in parts] + rows + [flags])
         if _trace._ACTIVE:
             _trace.record("all_reduce", flat.numel() * flat.element_size(), self.size,
                           "data_parallel", "backward")
         work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self.works.append((work, flat, grads, b, missing))
+        self.works.append((work, flat, parts, b, used))
 
     def _finish(self):
         while self.next_bucket < len(self.buckets):
             self._launch(self.next_bucket)
             self.next_bucket += 1
-        for work, flat, grads, b, missing in self.works:
+        for work, flat, parts, b, used in self.works:
             work.wait()
             flat.div_(self.size)
-            off = 0
-            for g in grads:
-                g.copy_(flat[off: off + g.numel()].view_as(g))
+            off, tables = 0, []
+            for i, g in zip(self.buckets[b], parts):
+                avg = flat[off: off + g.numel()].view_as(g)
                 off += g.numel()
-            if missing:   # (only a parameter this replica did not use can be unused by all)
-                counts = flat[off:][missing].tolist()
-                for k, c in zip(missing, counts):
-                    if c == 0:
-                        self.leaves[self.buckets[b][k]].grad = None
+                if i in self.sparse:
+                    tables.append((i, avg))
+                else:
+                    g.copy_(avg)
+            counts = flat[-len(parts):]
+            # (only a parameter this replica did not use can be unused by all)
+            if tables or not all(used):
+                counts = counts.tolist()
+            for k, i in enumerate(self.buckets[b]):
+                if not used[k] and counts[k] == 0:
+                    self.leaves[i].grad = None
+            for i, avg in tables:   # a sparse gradient listing the rows any replica used
+                r = flat[off: off + avg.shape[0]]
+                off += avg.shape[0]
+                if counts[self.buckets[b].index(i)] == 0:
+                    continue
+                idx = r.nonzero().view(1, -1)
+                self.leaves[i].grad = torch.sparse_coo_tensor(idx, avg[idx[0]], avg.shape).coalesce()
         self._reset()
 
     @contextlib.contextmanager

@@ -133,3 +133,80 @@ def test_a_parameter_no_replica_used_keeps_no_gradient(optname, mode):
         assert pnone == snone
         for a, b in zip(pp, sp):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _sparse_dp(rank, tp, layout, optname):
+    """nn.Embedding(sparse=True) + Linear, serial on the global batch of 4 beside tp x dp (each
+    replica 2 rows); at step 1 the second replica's ids are all padding (its sparse gradient
+    lists no row), at step 2 the second replica does not use the table (no gradient), at step 3
+    no replica does. Returns per step the table rows the table's gradient lists (global
+    numbers; None: no gradient) and the parameters after the step."""
+    from shardtensor.spec import take_shard
+    world = torch.distributed.get_world_size()
+    pg = st.ProcessGroup(tp_degree=tp, dp_degree=world // tp)
+    dp, me = pg.dp_world_size(), pg.dp_local_rank()
+    out = {}
+    for tag in ("serial", "parallel"):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Embedding(11, 6, padding_idx=3, sparse=True),
+                                torch.nn.Linear(6, 3)).double()
+        w = m[0].weight
+        rows_of = torch.arange(11)
+        if tag == "parallel":
+            plan = {"1.weight": "col"}
+            if layout != "plain":
+                plan["0.weight"] = layout
+            st.parallelize(m, pg, plan=plan)
+            if isinstance(w, st.ShardedTensor) and w.spec.is_shard and w.spec.dim == 0:
+                rows_of = take_shard(rows_of, w.spec, pg.tp_local_rank())
+            sync = st.data_parallel(m, pg)
+        if optname == "SparseAdam":
+            opts = [torch.optim.SparseAdam([w], lr=0.05), torch.optim.AdamW(m[1].parameters(), lr=0.05)]
+        else:
+            opts = [torch.optim.Adagrad(m.parameters(), lr=0.1)]
+        listed, params = [], []
+        for step in range(4):
+            ids = torch.randint(0, 11, (4, 3), generator=torch.Generator().manual_seed(step))
+            if step == 1:
+                ids[2:] = 3
+            for o in opts:
+                o.zero_grad()
+            halves = ids.chunk(dp) if tag == "parallel" else ids.chunk(2)
+            mine = [(me, halves[me])] if tag == "parallel" else list(enumerate(halves))
+            loss = 0
+            for half, x in mine:
+                skip = (step == 2 and half == 1) or step == 3
+                y = m[1](x.double().unsqueeze(-1).expand(-1, -1, 6)) if skip else m(x)
+                loss = loss + (y.full() if isinstance(y, st.ShardedTensor) else y).pow(2).mean() / len(mine)
+            loss.backward()
+            g = (w.to_local() if isinstance(w, st.ShardedTensor) else w).grad
+            assert g is None or g.is_sparse
+            listed.append(None if g is None else sorted(rows_of[g.coalesce().indices()[0]].tolist()))
+            for o in opts:
+                o.step()
+            params.append([(p.full() if isinstance(p, st.ShardedTensor) else p).detach().clone()
+                           for p in m.parameters()])
+        out[tag] = listed, params
+    sync.remove()
+    return out
+
+
+@pytest.mark.parametrize("world,tp,layout", [(2, 1, "plain"), (4, 2, "row"), (4, 2, "col"),
+                                             (4, 2, "replicate")])
+@pytest.mark.parametrize("optname", ("SparseAdam", "Adagrad"))
+def test_sparse_embedding_gradients_average_over_replicas(world, tp, layout, optname):
+    """data_parallel with nn.Embedding(sparse=True) raised 'reshape is not implemented for
+    sparse tensors' in the backward. The averaged gradient is sparse and lists the rows any
+    replica used (serial's rows on the global batch); SparseAdam / Adagrad then match serial."""
+    outs = run(world, _sparse_dp, tp, layout, optname)
+    for out in outs:
+        (slisted, sparams), (plisted, pparams) = out["serial"], out["parallel"]
+        assert [r is None for r in plisted] == [r is None for r in slisted] == [0, 0, 0, 1]
+        for rows, srows in zip(plisted[:3], slisted):
+            assert set(rows) <= set(srows)
+        for ps, ss in zip(pparams, sparams):
+            for a, b in zip(ps, ss):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for step in range(3):   # the tensor-parallel ranks of a replica list serial's rows together
+        union = sorted(set().union(*(set(o["parallel"][0][step]) for o in outs[:tp])))
+        assert union == outs[0]["serial"][0][step]
