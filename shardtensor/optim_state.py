@@ -110,6 +110,19 @@ def optimizer_entries(optimizer, model):
     return entries, {}, extra, pg_of(params.values())
 
 
+def _placed(value: torch.Tensor, local: torch.Tensor, key: str, group: dict) -> torch.Tensor:
+    """Where and in what dtype torch's Optimizer.load_state_dict puts a state tensor: 'step'
+    stays as saved (on the CPU) unless the group is fused or capturable (then float32 on the
+    parameter's device); the rest goes to the parameter's device, floating in its dtype."""
+    if key == "step":
+        if group.get("fused") or group.get("capturable"):
+            return value.to(dtype=torch.float32, device=local.device)
+        return value
+    if local.is_floating_point():
+        return value.to(dtype=local.dtype, device=local.device)
+    return value.to(device=local.device)
+
+
 def _first_difference(mine: List[List[str]], theirs: List[List[str]]) -> str:
     """Where the loading optimizer's parameter names first differ from the saved ones."""
     sizes = f"(groups of {[len(m) for m in mine]} parameters here, {[len(t) for t in theirs]} saved)"
@@ -174,20 +187,20 @@ def load_optimizer(optimizer, path: str, model: Optional[nn.Module]) -> None:
     for grp in optimizer.param_groups:
         for p in grp["params"]:
             by_name[_name(names, p)] = p
+    group_of = {id(p): sgrp for grp, sgrp in zip(optimizer.param_groups, saved["param_groups"])
+                for p in grp["params"]}
     optimizer.state.clear()
     for pname, meta in saved["state"].items():
         p = by_name[pname]
+        local = p._local if isinstance(p, ShardedTensor) else p
         new = {}
         for key, m in meta.items():
             if "value" in m:
                 new[key] = _from_json(m["value"])
                 continue
-            buf = staged[m["tensor"]]
-            if m["kind"] != "plain":  # laid out like the param, as this optimizer would make it
-                local = p._local if isinstance(p, ShardedTensor) else p
-                buf = buf.to(local.device)
-                if isinstance(p, ShardedTensor):
-                    buf = wrap(buf, p._spec, p._pg, p._gshape)
+            buf = _placed(staged[m["tensor"]], local, key, group_of[id(p)])
+            if m["kind"] != "plain" and isinstance(p, ShardedTensor):
+                buf = wrap(buf, p._spec, p._pg, p._gshape)   # laid out like the param
             new[key] = buf
         optimizer.state[p] = new
     for grp, sgrp in zip(optimizer.param_groups, saved["param_groups"]):

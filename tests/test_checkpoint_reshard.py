@@ -253,3 +253,49 @@ def test_load_strict_false_loads_what_matches_like_load_state_dict(tmp_path, wor
             assert (out[key][0][0], sorted(out[key][0][1])) == (missing, unexpected), key
             assert out[key][1].keys() == state.keys()
             assert all(torch.equal(out[key][1][k], v) for k, v in state.items()), key
+
+
+# --- optimizer state is placed as torch's load_state_dict places it -------------------------------
+
+def _train_double(rank, path):
+    model = _net(2).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        _step(model, opt)
+    st.save(opt, path, model=model)
+
+
+def _resume_float(rank, path, weights):
+    model = _net(torch.distributed.get_world_size(), seed=4)     # float32 now
+    model.load_state_dict(weights)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    st.load(opt, path, model=model)
+    dtypes = {(n, k): v.dtype for n, p in model.named_parameters() for k, v in opt.state[p].items()}
+    _step(model, opt)
+    return dtypes, {n: _full(p) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("world", (1, 2, 4))
+def test_optimizer_state_takes_the_parameters_dtype_as_in_load_state_dict(tmp_path, world):
+    # AdamW state saved from a float64 model, resumed with the model in float32: the state kept
+    # float64 and the first step raised "expected dtype double for `end` but got dtype float"
+    # (torch's load_state_dict casts floating state to the parameter's dtype; it also puts
+    # 'step' on the parameter's device for fused / capturable optimizers, on CUDA)
+    path = str(tmp_path / "adamw")
+    run(2, _train_double, path)
+    serial = _net(None).double()
+    opt = torch.optim.AdamW(serial.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        _step(serial, opt)
+    weights = {k: v.clone() for k, v in serial.state_dict().items()}
+    ref = _net(None, seed=4)
+    ref.load_state_dict(weights)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.5)
+    ref_opt.load_state_dict(opt.state_dict())
+    ref_dtypes = {(n, k): v.dtype for n, p in ref.named_parameters() for k, v in ref_opt.state[p].items()}
+    _step(ref, ref_opt)
+    for dtypes, params in run(world, _resume_float, path, weights):
+        assert dtypes == ref_dtypes
+        for n, p in ref.named_parameters():
+            if n != "qkv.bias":   # its key third has a zero gradient: Adam steps on rounding
+                torch.testing.assert_close(params[n], p.detach(), rtol=1e-5, atol=1e-6)
