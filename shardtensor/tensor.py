@@ -62,34 +62,42 @@ class ShardedTensor(torch.Tensor):
     @classmethod
     def from_local(cls, local: torch.Tensor, pg: ProcessGroup, spec: Spec,
                    shape: Optional[Sequence[int]] = None,
-                   compute_spec: Optional[ComputeSpec] = None) -> "ShardedTensor":
+                   compute_spec: Optional[ComputeSpec] = None,
+                   run_check: bool = True) -> "ShardedTensor":
         """Wrap this rank's shard. The global shape is `shape` if given; otherwise, for a
-        ShardSpec, the shard sizes are all-gathered (one small collective) and checked against
-        the tensor_split layout."""
+        ShardSpec, the shard sizes make it (checked against the tensor_split layout), and for a
+        ReplicaSpec / PartialSpec it is the local shape (no communication, no check).
+
+        Every other call checks every rank's local shape with one small all-gather (at tp > 1;
+        ~0.1-1 ms on gloo): a shard that does not fit on one rank raises the same
+        ShardingError on every rank, naming the ranks, their local shapes and the expected
+        parts (a check on one rank alone would leave the others waiting at their next
+        collective). Every rank passes the same `spec` and `shape`; ranks that do not are named
+        too. `run_check=False` with `shape` skips the all-gather (code that wraps shards it
+        knows fit, once per step): a misfit then raises on its own rank only."""
         if isinstance(local, ShardedTensor):
             raise TypeError("ShardedTensor.from_local: `local` is already a ShardedTensor")
-        if shape is not None:
-            shape = torch.Size(shape)
-            spec = _check_spec(spec, shape, pg, "from_local")
-            expect = local_shape(shape, spec, pg.tp_local_rank())
-            if tuple(local.shape) != expect:
-                raise ShardingError(f"ShardedTensor.from_local: local shape {tuple(local.shape)} "
-                                    f"is not rank {pg.tp_local_rank()}'s part {expect} of global "
-                                    f"shape {tuple(shape)} under {spec!r}")
-            return wrap(local, spec, pg, shape, compute_spec)
-        spec = _check_spec(spec, local.shape, pg, "from_local")
-        if not spec.is_shard:
+        if shape is None and not getattr(spec, "is_shard", False):
+            spec = _check_spec(spec, local.shape, pg, "from_local")
             return wrap(local, spec, pg, local.shape, compute_spec)
-        sizes = _gather_sizes(local.shape[spec.dim], pg)
-        n = sum(sizes)
-        expect = [local_size(n, spec.degree, spec.stride, r) for r in range(spec.degree)]
-        if n % spec.stride or sizes != expect:
-            raise ShardingError(f"ShardedTensor.from_local: shard sizes {sizes} along dim "
-                                f"{spec.dim} are not a tensor_split layout of {n} under {spec!r}"
-                                f" (expected {expect})")
-        shape = list(local.shape)
-        shape[spec.dim] = n
-        return wrap(local, spec, pg, torch.Size(shape), compute_spec)
+        _check_types(spec, pg, "from_local")
+        try:
+            nspec, gshape, status = *_local_fit(local, spec, shape, pg), 0
+        except _Misfit:
+            status = 1
+        except ValueError:   # the spec does not fit the shape (ShardingError too)
+            status = 2
+        if pg.tp_world_size() > 1 and (run_check or shape is None):
+            msg, sizes = _from_local_verdict(local, spec, shape, pg, status)
+            if msg is not None:
+                raise ShardingError(msg)
+        if status:   # one rank (or unchecked): this rank's own error
+            _local_fit(local, spec, shape, pg)
+        if gshape is None:   # the sizes along the sharded dim make the global shape
+            gshape = list(local.shape)
+            if pg.tp_world_size() > 1:
+                gshape[nspec.dim] = sum(sizes)
+        return wrap(local, nspec, pg, gshape, compute_spec)
 
     # --- the contract's accessors ------------------------------------------------------------
     @property
@@ -380,13 +388,17 @@ def _wrap_factory():
 wrap = _wrap_factory()
 
 
-def _check_spec(spec, shape, pg, where: str):
+def _check_types(spec, pg, where: str) -> None:
     if not isinstance(pg, ProcessGroup):
         raise TypeError(f"ShardedTensor.{where}: pg must be a shardtensor.ProcessGroup, got "
                         f"{type(pg).__name__}")
     if not hasattr(spec, "is_shard"):
         raise TypeError(f"ShardedTensor.{where}: spec must be ShardSpec, ReplicaSpec or "
                         f"PartialSpec, got {spec!r}")
+
+
+def _check_spec(spec, shape, pg, where: str):
+    _check_types(spec, pg, where)
     spec = spec.normalize(shape)
     if spec.is_shard and spec.degree != pg.tp_world_size():
         raise ShardingError(f"ShardedTensor.{where}: {spec!r} has degree {spec.degree} but the "
@@ -394,18 +406,98 @@ def _check_spec(spec, shape, pg, where: str):
     return spec
 
 
-def _gather_sizes(n: int, pg: ProcessGroup):
-    d = pg.tp_world_size()
-    if d == 1:
-        return [n]
-    t = torch.tensor([n], dtype=torch.int64)
+# --- from_local's check across ranks -----------------------------------------------------------
+
+class _Misfit(ShardingError):
+    """from_local: this rank's local shape is not its part of the global shape."""
+
+
+def _local_fit(local, spec, shape, pg):
+    """from_local's checks on this rank alone: (normalized spec, global shape or None)."""
+    if shape is None:
+        return _check_spec(spec, local.shape, pg, "from_local"), None
+    shape = torch.Size(shape)
+    spec = _check_spec(spec, shape, pg, "from_local")
+    expect = local_shape(shape, spec, pg.tp_local_rank())
+    if tuple(local.shape) != expect:
+        raise _Misfit(f"ShardedTensor.from_local: local shape {tuple(local.shape)} is not rank "
+                      f"{pg.tp_local_rank()}'s part {expect} of global shape {tuple(shape)} "
+                      f"under {spec!r}")
+    return spec, shape
+
+
+_MAXD = 8   # local dims sent for the messages (a digest compares all of them)
+
+
+def _digest(*parts) -> int:
+    import zlib
+    return zlib.crc32(repr(parts).encode())
+
+
+def _from_local_verdict(local, spec, shape, pg, status: int):
+    """One all-gather over the tp group of every rank's (status, digest of its spec and shape,
+    local shape): (the same error message on every rank or None, the sizes along the sharded
+    dim)."""
+    d, nd = pg.tp_world_size(), local.dim()
+    dim = spec.dim % nd if spec.is_shard and -nd <= spec.dim < nd else None
+    off = tuple(-1 if k == dim else v for k, v in enumerate(local.shape))
+    row = [status, _digest(repr(spec), None if shape is None else tuple(shape)), nd,
+           _digest(off), -1 if dim is None else local.shape[dim]]
+    row += list(local.shape[:_MAXD]) + [-1] * (_MAXD - min(nd, _MAXD))
+    t = torch.tensor(row, dtype=torch.int64)
     if dist.get_backend(pg.tp_process_group()) == "nccl":
         t = t.cuda()
     out = [torch.empty_like(t) for _ in range(d)]
     if _trace._ACTIVE:   # a collective like any other: CommTrace records every one
-        _trace.record("all_gather", d * t.element_size(), d, "ShardedTensor.from_local", "forward")
+        _trace.record("all_gather", d * t.numel() * t.element_size(), d,
+                      "ShardedTensor.from_local", "forward")
     dist.all_gather(out, t, group=pg.tp_process_group())
-    return [int(x) for x in out]
+    rows = [[int(v) for v in r] for r in out]
+    return _verdict(rows, local, spec, shape, pg), [r[4] for r in rows]
+
+
+def _shown(r) -> str:
+    n = r[2]
+    dims = ", ".join(str(v) for v in r[5:5 + min(n, _MAXD)])
+    return f"({dims}{', ...' if n > _MAXD else ',' if n == 1 else ''})"
+
+
+def _verdict(rows, local, spec, shape, pg):
+    """The message every rank raises, made from the gathered rows only (so it is the same on
+    every rank), or None when every rank's shard fits."""
+    head = "ShardedTensor.from_local (on every rank): "
+    if len({r[1] for r in rows}) > 1:
+        groups: dict = {}
+        for k, r in enumerate(rows):
+            groups.setdefault(r[1], []).append(k)
+        return (head + f"the ranks passed different spec/shape arguments (ranks "
+                f"{' vs '.join(str(g) for g in groups.values())}); every rank passes the same")
+    if all(r[0] == 2 for r in rows):   # the same arguments refused alike on every rank
+        try:
+            _local_fit(local, spec, shape, pg)
+        except ValueError as e:
+            return head + str(e).replace("ShardedTensor.from_local: ", "")
+    if shape is not None:
+        bad = [k for k, r in enumerate(rows) if r[0]]
+        if not bad:
+            return None
+        gshape = torch.Size(shape)
+        nspec = spec.normalize(gshape)
+        return head + f"the local shapes do not fit global shape {tuple(gshape)} under " \
+            f"{nspec!r}: " + "; ".join(f"rank {k} holds {_shown(rows[k])}, its part is "
+                                       f"{local_shape(gshape, nspec, k)}" for k in bad)
+    if any(r[0] for r in rows) or len({(r[2], r[3]) for r in rows}) > 1:
+        return (head + f"the local shapes {', '.join(_shown(r) for r in rows)} (ranks 0.."
+                f"{len(rows) - 1}) are not shards of one tensor under {spec!r} (the same number "
+                f"of dims, equal off the sharded dim)")
+    sizes = [r[4] for r in rows]
+    n = sum(sizes)
+    nspec = spec.normalize(local.shape)
+    expect = [local_size(n, nspec.degree, nspec.stride, r) for r in range(nspec.degree)]
+    if n % nspec.stride or sizes != expect:
+        return (head + f"shard sizes {sizes} along dim {nspec.dim} are not a tensor_split "
+                f"layout of {n} under {nspec!r} (expected {expect})")
+    return None
 
 
 class _More:

@@ -245,17 +245,77 @@ def _from_local_traced(rank):
     with st.CommTrace() as trace:
         t = st.ShardedTensor.from_local(local, pg, st.ShardSpec(0, w))
         t2 = st.ShardedTensor.from_local(local, pg, st.ShardSpec(0, w), shape=(7, 1))
+        t3 = st.ShardedTensor.from_local(local, pg, st.ShardSpec(0, w), shape=(7, 1),
+                                         run_check=False)   # trusted: no all-gather
     assert torch.equal(t.full(), full) and torch.equal(t2.full(), full)
+    assert torch.equal(t3.full(), full)
+    if w > 1:   # unchecked, a misfit raises on its own rank only (here: all)
+        with pytest.raises(st.ShardingError, match="not rank"):
+            st.ShardedTensor.from_local(local, pg, st.ShardSpec(0, w), shape=(7, 2),
+                                        run_check=False)
     return [(e.kind, e.nbytes, e.group_size, e.op, e.phase) for e in trace.events]
 
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_from_local_size_gather_is_traced(world):
-    # API.md: CommTrace records every collective issued; from_local without `shape` all-gathers
-    # the shard sizes (with `shape` it communicates nothing)
-    want = [] if world == 1 else [("all_gather", 8 * world, world, "ShardedTensor.from_local",
-                                   "forward")]
+    # API.md: CommTrace records every collective issued; from_local of a shard all-gathers the
+    # local shapes (13 int64 per rank), with or without `shape`, to check them on every rank
+    # (run_check=False with `shape` skips it)
+    want = [] if world == 1 else [("all_gather", 13 * 8 * world, world,
+                                   "ShardedTensor.from_local", "forward")] * 2
     assert run(world, _from_local_traced) == [want] * world
+
+
+# (rank, world -> local shape; (sharded dim, stride) or None: replicated; world -> shape=) of
+# from_local calls some rank gets wrong -> words every rank's error must contain
+_MISFITS = {
+    "one rank's local too long": (lambda r, w: (5 if r == w - 1 else 4, 3), (0, 1),
+                                  lambda w: (4 * w, 3), ["rank {last} holds (5, 3)",
+                                                         "its part is (4, 3)"]),
+    "off the sharded dim": (lambda r, w: (4, 3 + (r == 0)), (0, 1), None,
+                            ["rank", "(4, 4)", "(4, 3)", "equal off the sharded dim"]),
+    "not a tensor_split layout": (lambda r, w: (2 + 2 * (r == w - 1), 3), (0, 1),
+                                  None, ["not a tensor_split layout"]),
+    "replicated, one rank's shape": (lambda r, w: (4, 3) if r else (4, 2), None,
+                                     lambda w: (4, 3), ["rank 0 holds (4, 2)", "its part is (4, 3)"]),
+    "ranks pass other shapes": (lambda r, w: (4, 3), (1, 1),
+                                lambda w: None, ["different spec/shape arguments"]),
+    "spec does not fit on any rank": (lambda r, w: (4, 3), (1, 2),
+                                      lambda w: (4, 5), ["not a multiple of stride 2"]),
+}
+
+
+def _from_local_misfits(rank, name):
+    pg = st.ProcessGroup()
+    w = pg.tp_world_size()
+    local_shape, spec, shape = _MISFITS[name][:3]
+    spec = st.ReplicaSpec() if spec is None else st.ShardSpec(spec[0], w, spec[1])
+    if name == "ranks pass other shapes":   # rank 0 says the global tensor is wider
+        shape = (4, 3 * w + (rank == 0)) if w > 1 else (4, 2)
+    elif shape is not None:
+        shape = shape(w)
+    local = torch.zeros(local_shape(rank, w))
+    with pytest.raises(ValueError) as e:
+        st.ShardedTensor.from_local(local, pg, spec, shape=shape)
+    # every rank took part and can go on: a collective after the error completes
+    ok = torch.ones(1)
+    torch.distributed.all_reduce(ok, group=pg.tp_process_group())
+    return str(e.value), int(ok.item())
+
+
+@pytest.mark.parametrize("name", list(_MISFITS))
+@pytest.mark.parametrize("world", [2, 4])
+def test_from_local_misfit_raises_the_same_error_on_every_rank(world, name):
+    # a local shape that did not fit on one rank raised there only: the other ranks went on
+    # to their next collective and waited for it (the pool reports the mismatch or times out)
+    out = run(world, _from_local_misfits, name)
+    msgs = {m for m, _ in out}
+    assert len(msgs) == 1, msgs                         # the same error on every rank
+    msg = msgs.pop()
+    assert "from_local" in msg
+    for word in _MISFITS[name][3]:
+        assert word.format(last=world - 1) in msg, (word, msg)
+    assert [ok for _, ok in out] == [world] * world
 
 
 def _fallback_for_refused_inputs(rank):

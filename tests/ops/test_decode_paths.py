@@ -57,11 +57,12 @@ def _cat_case(rank, world):
     a, b = torch.randn(1, 4, 5, 6, dtype=torch.float64), torch.randn(1, 4, 2, 6, dtype=torch.float64)
     heads = st.ShardSpec(1, world)
     sa, sb = (st.ShardedTensor.from_global(t, pg, heads) for t in (a, b))
+    # (from_local with shape= checks every rank's local shape: one all-gather, outside the trace)
+    pa = st.ShardedTensor.from_local(a * (rank + 1.0), pg, st.PartialSpec(), shape=a.shape)
     with st.CommTrace() as tr:
         kv = torch.cat([sa, sb], dim=-2)                 # a KV cache append
         rope = torch.cat((-sa, sa), -1)                  # rotate_half
         three = torch.cat([sa, sa, sa], 2)
-        pa = st.ShardedTensor.from_local(a * (rank + 1.0), pg, st.PartialSpec(), shape=a.shape)
         part = torch.cat([pa, pa], dim=3)                # partial summands concatenate
     assert tr.count() == 0
     assert kv.spec == heads and rope.spec == heads and three.spec == heads
