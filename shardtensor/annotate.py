@@ -202,6 +202,9 @@ def parallelize(model: nn.Module, pg: ProcessGroup, plan: Optional[dict] = None)
     for p, spec in checked:
         _shard_param(p, pg, spec, None, "parallelize")
     _shard_on_assign(model)
+    if callable(getattr(model, "save_pretrained", None)):   # HF / PEFT: refuse before writing
+        from .hf import guard_save_pretrained
+        guard_save_pretrained()
     return model
 
 

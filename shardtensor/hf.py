@@ -4,8 +4,12 @@ Build the model on the meta device, parallelize it (layouts only, no memory), th
 `load_pretrained(model, directory)`: each rank reads only the byte ranges of its own shards from
 `model.safetensors` (or the files `model.safetensors.index.json` maps) and materialises them on
 the CPU. Buffers left on the meta device (non-persistent ones such as rotary `inv_freq` or
-`position_ids`, or persistent ones the checkpoint lacks) are recomputed by the model's own
-`_init_weights` (HF models), and loading fails if that does not fill them.
+`position_ids`, or persistent ones the checkpoint lacks) are computed as the model's own
+construction computes them (materialise.py), and loading refuses, changing nothing, if nothing
+computes them.
+
+And back: HF's `save_pretrained` of a parallelized model without `state_dict=` refuses before
+writing anything, naming the recipe (`guard_save_pretrained`, installed by parallelize).
 """
 from __future__ import annotations
 
@@ -18,9 +22,9 @@ from torch import nn
 
 from .checkpoint import Target, last_load, unique_tensors
 from .checkpoint_io import CheckpointError, SafetensorsFile, blocks, checked, overlap
-from .materialise import fill, materialise_buffers, uncomputable_buffers
+from .materialise import computed_buffers, fill, install_buffers
 
-__all__ = ["load_pretrained"]
+__all__ = ["load_pretrained", "guard_save_pretrained"]
 
 
 def _weight_map(directory: str) -> Dict[str, str]:
@@ -51,8 +55,8 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
     HuggingFace `save_pretrained` directory, each rank reading only its slices; meta parameters
     are materialised on the CPU (tied ones stay tied) and meta buffers recomputed. Returns
     {"unexpected": checkpoint keys the model has no use for, "reinitialised": buffers
-    recomputed}. Raises CheckpointError on every rank, changing nothing, on a missing parameter
-    or a shape mismatch."""
+    recomputed}. Raises CheckpointError on every rank, changing nothing, on a missing parameter,
+    a shape mismatch or a meta buffer nothing computes."""
     tensors, aliases = unique_tensors(model.state_dict(keep_vars=True))
     names: Dict[str, List[str]] = {n: [n] for n in tensors}
     for a, n in aliases.items():
@@ -92,15 +96,10 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
             raise CheckpointError(f"{directory} does not hold the model's parameters "
                                   f"{missing_params[:5]}{' ...' if len(missing_params) > 5 else ''}"
                                   f" ({len(missing_params)} missing)")
-        unfillable = uncomputable_buffers(model, [id(tensors[n]) for n in staged])
-        if unfillable:
-            raise CheckpointError(f"{directory}: buffers {unfillable} are on the meta device, not "
-                                  f"in the checkpoint, and the model has no _init_weights to "
-                                  f"recompute them; build the model with buffers off the meta "
-                                  f"device")
-        return staged, sorted(set(weight_map) - used)
+        buffers = computed_buffers(model, [id(tensors[n]) for n in staged], f"{directory}: ")
+        return staged, buffers, sorted(set(weight_map) - used)
     try:
-        staged, unexpected = checked(prepare)
+        staged, buffers, unexpected = checked(prepare)
     finally:
         last_load.update(bytes_read=sum(f.bytes_read for f in files.values()), files=sorted(files))
         for f in files.values():
@@ -110,5 +109,55 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
         for name, t in tensors.items():
             if name in staged:
                 fill(t, staged.pop(name))
-        reinit = materialise_buffers(model)
+        reinit = install_buffers(buffers)   # computed in prepare
     return {"unexpected": unexpected, "reinitialised": reinit}
+
+
+# --- save_pretrained: refuse before writing anything --------------------------------------------
+
+def guard_save_pretrained() -> None:
+    """Wrap HF's `PreTrainedModel.save_pretrained` (once, where transformers is imported) so
+    that, called without `state_dict=` on a model holding a tensor-parallel shard, it raises
+    UnsupportedOpError naming the recipe before writing anything: it wrote config.json, then
+    failed reading the first shard's memory. A serial or tp=1 model, or one given
+    `state_dict=`, saves as before. (PEFT's save_pretrained reads only the adapters: the
+    memory rule's error stands there.)"""
+    import sys
+    cls = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    save = getattr(cls, "save_pretrained", None)
+    if save is not None and not getattr(save, "_shardtensor_guard", False):
+        cls.save_pretrained = _guarded(save)
+
+
+def _guarded(save):
+    import functools
+    import inspect
+    sig = inspect.signature(save)
+
+    @functools.wraps(save)
+    def save_pretrained(self, *args, **kwargs):
+        try:
+            given = sig.bind_partial(self, *args, **kwargs).arguments
+        except TypeError:   # HF's own error for bad arguments
+            return save(self, *args, **kwargs)
+        if given.get("state_dict") is None:
+            _refuse_shards(self, f"{type(self).__name__}.save_pretrained")
+        return save(self, *args, **kwargs)
+    save_pretrained._shardtensor_guard = True
+    return save_pretrained
+
+
+def _refuse_shards(model: nn.Module, where: str) -> None:
+    """UnsupportedOpError (the recipe) if `model` holds a shard of a tensor at tp > 1."""
+    from .dispatch import UnsupportedOpError
+    from .tensor import ShardedTensor
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if type(t) is ShardedTensor and not t.spec.is_replicate and t.pg.tp_world_size() > 1:
+            raise UnsupportedOpError(
+                f"{where}: {name!r} is a ShardedTensor with {t.spec!r}: this rank holds only its "
+                f"shard of shape {tuple(t.to_local().shape)} of the global shape "
+                f"{tuple(t.shape)}, and save_pretrained reads tensors through their memory. "
+                f"Nothing was written. Call on every rank model.save_pretrained(path, "
+                f"state_dict=shardtensor.full_state_dict(model), "
+                f"is_main_process=(torch.distributed.get_rank() == 0)), or save a sharded "
+                f"checkpoint with shardtensor.save(model, path)")

@@ -3,6 +3,7 @@ built on the meta device and parallelized, each rank reading and materialising o
 the model then computes what the serial model computes. And back: a parallelized model's
 `save_pretrained` names the recipe (a full state dict gathered to rank 0), whose directory loads
 serially."""
+import os
 import re
 
 import pytest
@@ -114,9 +115,29 @@ def _save_pretrained(rank, arch, plain, directory):
                 model.save_pretrained(plain, is_main_process=rank == 0)
         finally:
             st.config.fallback = None
+        # refused before writing anything (config.json was written first)
+        assert not os.path.exists(plain) or os.listdir(plain) == [], os.listdir(plain)
     model.save_pretrained(directory, state_dict=st.full_state_dict(model),
                           is_main_process=rank == 0)
     return _full(model(**inputs_for(arch)).logits)
+
+
+def _save_pretrained_at_tp_one(rank, directory):
+    model = build("gpt2")
+    model.eval()
+    st.parallelize(model, st.ProcessGroup(tp_degree=1))
+    model.save_pretrained(directory)    # a layout of degree 1 is the whole tensor: as serially
+    return _full(model(**inputs_for("gpt2")).logits)
+
+
+def test_save_pretrained_at_tp_one_needs_no_recipe(tmp_path):
+    import transformers as tf
+    logits = run(1, _save_pretrained_at_tp_one, str(tmp_path))[0]
+    serial = tf.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="sdpa")
+    serial.eval()
+    expect = build("gpt2")
+    assert all(torch.equal(serial.state_dict()[k], v) for k, v in expect.state_dict().items())
+    assert torch.allclose(serial(**inputs_for("gpt2")).logits, logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
