@@ -324,6 +324,34 @@ def test_full_backward_hook_on_a_parallelized_hf_block(world):
         assert worst < 1e-4 and grads < 1e-4
 
 
+def _deprecated_hook(rank):
+    pg = st.ProcessGroup()
+    out = []
+    for sharded in (False, True):
+        m = _par(_mlp(), pg) if sharded else _mlp()
+        calls = []
+        for i in (0, 2, 4):
+            m[i].register_backward_hook(lambda mod, gin, gout: calls.append(len(gout)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _f(m(_x())).pow(2).sum().backward()
+        ours = [str(w.message) for w in caught if "shardtensor" in str(w.message)]
+        out.append((len(calls), ours, [_v(p.grad) for p in m.parameters()]))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_deprecated_backward_hook_warns_that_it_sees_shards(world):
+    """The deprecated register_backward_hook sat on the shard's last autograd node and saw its
+    local gradients (shard shapes at tp > 1) without a word, where register_full_backward_hook
+    sees the global ones. It still runs, and now warns, naming the full hook."""
+    for (n_s, w_s, g_s), (n_m, w_m, g_m) in run(world, _deprecated_hook):
+        assert n_s == n_m == 3 and w_s == []
+        assert len(w_m) == 3 and all("Linear.register_backward_hook" in w and
+                                     "register_full_backward_hook" in w for w in w_m), w_m
+        assert max(_rel(a, b) for a, b in zip(g_m, g_s)) < 1e-5
+
+
 # --- nn.init on the global matrix ----------------------------------------------------------------
 
 INITS = {
