@@ -41,7 +41,7 @@ from .checkpoint_io import (CheckpointError, SafetensorsFile, checked, fsync_dir
                             overlap, world_info, write_durable, agree, blocks, dtype_name,
                             sha256_file, spec_to_json)
 from .groups import ProcessGroup
-from .materialise import fill, materialise_buffers, uncomputable_buffers
+from .materialise import computed_buffers, fill, install_buffers
 from .spec import ReplicaSpec, local_shape
 from .tensor import ShardedTensor
 
@@ -418,25 +418,20 @@ def load(obj, path: str, *, model: Optional[nn.Module] = None, strict: bool = Tr
             raise CheckpointError(f"shardtensor.load: parameters {empty[:5]} are on the meta "
                                   f"device and not in the checkpoint {root}: nothing to fill "
                                   f"them with")
-        unfillable = uncomputable_buffers(obj, [id(tensors[n]) for n in found])
-        if unfillable:   # (non-persistent buffers of a meta-built model)
-            raise CheckpointError(f"shardtensor.load: buffers {unfillable} are on the meta "
-                                  f"device, not in the checkpoint {root}, and the model has no "
-                                  f"_init_weights to recompute them; build the model with "
-                                  f"buffers off the meta device")
+        buffers = computed_buffers(obj, [id(tensors[n]) for n in found],
+                                   f"shardtensor.load: checkpoint {root}: ")
         reader = Reader(root, index)
         targets = {n: Target(n, tensors[n]) for n in found}
-        return stage(targets, found, reader, where), missing, unexpected
+        return stage(targets, found, reader, where), buffers, missing, unexpected
     try:
-        staged, missing, unexpected = checked(prepare)
+        staged, buffers, missing, unexpected = checked(prepare)
     finally:
         if reader is not None:
             reader.close()
     with torch.no_grad():
         for name, buf in staged.items():
             fill(tensors[name], buf)   # copies in place; materialises a meta tensor
-        if any(b.is_meta for b in obj.buffers()):
-            materialise_buffers(obj)
+        install_buffers(buffers)   # meta buffers outside the checkpoint, computed above
     return _IncompatibleKeys(missing, unexpected)
 
 

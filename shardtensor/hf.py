@@ -4,8 +4,9 @@ Build the model on the meta device, parallelize it (layouts only, no memory), th
 `load_pretrained(model, directory)`: each rank reads only the byte ranges of its own shards from
 `model.safetensors` (or the files `model.safetensors.index.json` maps) and materialises them on
 the CPU. Buffers left on the meta device (non-persistent ones such as rotary `inv_freq` or
-`position_ids`, or persistent ones the checkpoint lacks) are recomputed by the model's own
-`_init_weights` (HF models), and loading fails if that does not fill them.
+`position_ids`, or persistent ones the checkpoint lacks) are computed as the model's own
+construction computes them (materialise.py), and loading refuses, changing nothing, if nothing
+computes them.
 
 And back: HF's `save_pretrained` of a parallelized model without `state_dict=` refuses before
 writing anything, naming the recipe (`guard_save_pretrained`, installed by parallelize).
@@ -21,7 +22,7 @@ from torch import nn
 
 from .checkpoint import Target, last_load, unique_tensors
 from .checkpoint_io import CheckpointError, SafetensorsFile, blocks, checked, overlap
-from .materialise import fill, materialise_buffers, uncomputable_buffers
+from .materialise import computed_buffers, fill, install_buffers
 
 __all__ = ["load_pretrained", "guard_save_pretrained"]
 
@@ -54,8 +55,8 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
     HuggingFace `save_pretrained` directory, each rank reading only its slices; meta parameters
     are materialised on the CPU (tied ones stay tied) and meta buffers recomputed. Returns
     {"unexpected": checkpoint keys the model has no use for, "reinitialised": buffers
-    recomputed}. Raises CheckpointError on every rank, changing nothing, on a missing parameter
-    or a shape mismatch."""
+    recomputed}. Raises CheckpointError on every rank, changing nothing, on a missing parameter,
+    a shape mismatch or a meta buffer nothing computes."""
     tensors, aliases = unique_tensors(model.state_dict(keep_vars=True))
     names: Dict[str, List[str]] = {n: [n] for n in tensors}
     for a, n in aliases.items():
@@ -95,15 +96,10 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
             raise CheckpointError(f"{directory} does not hold the model's parameters "
                                   f"{missing_params[:5]}{' ...' if len(missing_params) > 5 else ''}"
                                   f" ({len(missing_params)} missing)")
-        unfillable = uncomputable_buffers(model, [id(tensors[n]) for n in staged])
-        if unfillable:
-            raise CheckpointError(f"{directory}: buffers {unfillable} are on the meta device, not "
-                                  f"in the checkpoint, and the model has no _init_weights to "
-                                  f"recompute them; build the model with buffers off the meta "
-                                  f"device")
-        return staged, sorted(set(weight_map) - used)
+        buffers = computed_buffers(model, [id(tensors[n]) for n in staged], f"{directory}: ")
+        return staged, buffers, sorted(set(weight_map) - used)
     try:
-        staged, unexpected = checked(prepare)
+        staged, buffers, unexpected = checked(prepare)
     finally:
         last_load.update(bytes_read=sum(f.bytes_read for f in files.values()), files=sorted(files))
         for f in files.values():
@@ -113,7 +109,7 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
         for name, t in tensors.items():
             if name in staged:
                 fill(t, staged.pop(name))
-        reinit = materialise_buffers(model)
+        reinit = install_buffers(buffers)   # computed in prepare
     return {"unexpected": unexpected, "reinitialised": reinit}
 
 

@@ -2,12 +2,17 @@
 
 A meta tensor is materialised in place (`swap_tensors`: the same Python object, so tied names
 stay tied and an optimizer built before still holds it). Meta buffers outside the loaded state
-(non-persistent ones such as rotary `inv_freq`) are recomputed by the model's `_init_weights`
-(HF models); `uncomputable_buffers` names, before anything is touched, those nothing can fill.
+(non-persistent ones such as rotary `inv_freq`) are computed before anything changes
+(`computed_buffers`), as serial construction computes them: a HuggingFace model's from a copy
+built with its parameters on the meta device (transformers 4.x computes them only in
+`__init__`), any other model's by its `_init_weights`; then installed (`install_buffers`).
 """
 from __future__ import annotations
 
-from typing import Iterable, List
+import contextlib
+import copy
+import sys
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -15,7 +20,9 @@ from torch import nn
 from .checkpoint_io import CheckpointError
 from .tensor import ShardedTensor, wrap
 
-__all__ = ["fill", "materialise_buffers", "uncomputable_buffers"]
+__all__ = ["fill", "computed_buffers", "install_buffers"]
+
+Computed = List[Tuple[str, nn.Module, str, torch.Tensor]]
 
 
 def fill(t: torch.Tensor, buf: torch.Tensor) -> None:
@@ -33,61 +40,157 @@ def fill(t: torch.Tensor, buf: torch.Tensor) -> None:
     torch.utils.swap_tensors(t, new)
 
 
-def _meta_buffers(model: nn.Module, filled: Iterable[int]) -> List[str]:
+def computed_buffers(model: nn.Module, filled: Iterable[int], where: str) -> Computed:
+    """(name, module, buffer name, CPU value) for each meta buffer loading leaves unfilled (not
+    among the tensors with ids `filled`), computed without changing `model`. Raises
+    CheckpointError (prefixed `where`) naming those nothing computes, before anything changed."""
     skip = set(filled)
-    return [f"{m}.{b}" if m else b for m, mod in model.named_modules()
+    todo = [(f"{m}.{b}" if m else b, mod, b) for m, mod in model.named_modules()
             for b, v in mod._buffers.items() if v is not None and v.is_meta and id(v) not in skip]
-
-
-def uncomputable_buffers(model: nn.Module, filled: Iterable[int]) -> List[str]:
-    """Meta buffers that loading leaves unfilled (not among the tensors with ids `filled`) and
-    that nothing recomputes (the model has no `_init_weights`)."""
-    if getattr(model, "_init_weights", None) is not None:
+    if not todo:
         return []
-    return _meta_buffers(model, filled)
+    values, why = _from_hf_rebuild(model, todo)
+    rest = [t for t in todo if t[0] not in values]
+    if rest:
+        if getattr(model, "_init_weights", None) is None:
+            why.append("the model has no _init_weights")
+        else:
+            values.update(_from_init_weights(model, rest))
+            why.append("its _init_weights leaves them")
+    bad = [n for n, _, _ in todo if n not in values]
+    if bad:
+        raise CheckpointError(
+            f"{where}buffers {bad} are on the meta device and not in the checkpoint, and "
+            f"nothing computes them ({'; '.join(why)}); build the model with buffers off the "
+            f"meta device")
+    return [(n, mod, b, values[n]) for n, mod, b in todo]
 
+
+def install_buffers(computed: Computed) -> List[str]:
+    """Put the values `computed_buffers` returned into their modules; their names."""
+    for _, mod, b, v in computed:
+        mod._buffers[b] = v
+    return [n for n, _, _, _ in computed]
+
+
+# --- a HuggingFace model: its buffers as its own construction computes them ---------------------
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get each parameter moved to the meta device as it is registered,
+    their buffers stay real (accelerate's `init_empty_weights(include_buffers=False)`, which
+    transformers 4.x's own meta loading uses). Patches nn.Module for the duration."""
+    register = nn.Module.register_parameter
+
+    def on_meta(mod, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(mod, name, param)
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _hf_roots(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The outermost HuggingFace PreTrainedModels in `model` (itself, or PEFT's base model)."""
+    hf = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    if hf is None:
+        return []
+    roots: List[Tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, hf) and not any(name == p or name.startswith(p + ".") if p else True
+                                           for p, _ in roots):
+            roots.append((name, mod))
+    return roots
+
+
+def _from_hf_rebuild(model: nn.Module, todo) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Values of the `todo` buffers inside HF models, read from a copy of each built from its
+    config with parameters on the meta device (the global RNG is left as it was); and, for
+    those it cannot give, why."""
+    values: Dict[str, torch.Tensor] = {}
+    why: List[str] = []
+    metas = {n: mod._buffers[b] for n, mod, b in todo}
+    for prefix, root in _hf_roots(model):
+        mine = [(n, n[len(prefix) + 1:] if prefix else n) for n in metas
+                if not prefix or n.startswith(prefix + ".")]
+        if not mine:
+            continue
+        built = f"{type(root).__name__}(config)"
+        try:
+            with torch.random.fork_rng(devices=[]), _parameters_on_meta(), torch.device("cpu"):
+                fresh = type(root)(copy.deepcopy(root.config))
+        except Exception as e:   # an unusual constructor: the error names the buffers
+            why.append(f"building {built} failed: {type(e).__name__}: {e}")
+            continue
+        for name, rel in mine:
+            v = _buffer(fresh, rel)
+            if v is not None and not v.is_meta and v.shape == metas[name].shape:
+                values[name] = v.detach().to(metas[name].dtype)
+        if any(n not in values for n, _ in mine):
+            why.append(f"{built} has no such buffers of those shapes")
+    if not why and len(values) < len(metas):
+        why.append("not a HuggingFace model, whose construction would compute them")
+    return values, why
+
+
+def _buffer(mod: nn.Module, name: str):
+    owner, _, b = name.rpartition(".")
+    try:
+        sub = mod.get_submodule(owner) if owner else mod
+    except AttributeError:
+        return None
+    return sub._buffers.get(b)
+
+
+# --- any other model: its _init_weights -----------------------------------------------------------
 
 def _sentinel(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype.is_floating_point:
+    """`t`'s shape and dtype, filled with a value no init writes: NaN, the integer minimum, and
+    for bool the byte 2 (torch writes only 0 and 1)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex:
         return torch.full(t.shape, float("nan"), dtype=t.dtype)
+    out = torch.zeros(t.shape, dtype=t.dtype)
     if t.dtype == torch.bool:
-        return torch.zeros(t.shape, dtype=t.dtype)
-    return torch.full(t.shape, torch.iinfo(t.dtype).min, dtype=t.dtype)
+        out.view(torch.uint8).fill_(2)
+    else:
+        out.fill_(torch.iinfo(t.dtype).min)
+    return out
 
 
 def _unfilled(t: torch.Tensor) -> bool:
-    if t.dtype.is_floating_point:
+    if t.is_meta:
+        return True
+    if t.dtype.is_floating_point or t.dtype.is_complex:
         return bool(torch.isnan(t).any())
     if t.dtype == torch.bool:
-        return False
+        return bool((t.view(torch.uint8) == 2).any())
     return bool((t == torch.iinfo(t.dtype).min).any())
 
 
-def materialise_buffers(model: nn.Module) -> List[str]:
-    """Meta buffers -> CPU, recomputed by the model's `_init_weights` (with every parameter
-    marked initialised, so HF's init functions leave them alone)."""
-    todo = []
-    for mname, mod in model.named_modules():
-        metas = [b for b, v in mod._buffers.items() if v is not None and v.is_meta]
-        for b in metas:
+def _from_init_weights(model: nn.Module, todo) -> Dict[str, torch.Tensor]:
+    """Values of the `todo` buffers as `model._init_weights` writes them into placeholders
+    (every parameter marked initialised, so HF-style init functions leave them alone); the
+    meta buffers are put back, so the model is unchanged."""
+    saved = [(mod, b, mod._buffers[b]) for _, mod, b in todo]
+    flagged = [p for p in model.parameters() if not getattr(p, "_is_hf_initialized", False)]
+    values = {}
+    try:
+        for _, mod, b in todo:
             mod._buffers[b] = _sentinel(mod._buffers[b])
-            todo.append((f"{mname}.{b}" if mname else b, mod, b))
-    if not todo:
-        return []
-    init = getattr(model, "_init_weights", None)
-    if init is not None:
-        flagged = [p for p in model.parameters() if not getattr(p, "_is_hf_initialized", False)]
         for p in flagged:
             p._is_hf_initialized = True
-        try:
+        with torch.no_grad():
             for mod in {id(m): m for _, m, _ in todo}.values():
-                init(mod)
-        finally:
-            for p in flagged:
-                del p._is_hf_initialized
-    bad = [n for n, m, b in todo if _unfilled(m._buffers[b])]
-    if bad:
-        raise CheckpointError(f"buffers {bad} were on the meta device, are not in the checkpoint, "
-                              f"and the model's _init_weights did not recompute them; build the "
-                              f"model with buffers off the meta device")
-    return [n for n, _, _ in todo]
+                model._init_weights(mod)
+        for name, mod, b in todo:
+            if not _unfilled(mod._buffers[b]):
+                values[name] = mod._buffers[b]
+    finally:
+        for p in flagged:
+            del p._is_hf_initialized
+        for mod, b, v in saved:
+            mod._buffers[b] = v
+    return values
