@@ -9,6 +9,7 @@ from . import ops  # registers the rules
 from .function import install as _install_function
 from .optim import install as _install_optim
 from .convert import install as _install_convert
+from .compat import install as _install_compat
 from .hooks import install as _install_hooks
 from .annotate import parallelize, replicate, shard_param, split_col, split_row
 from .plans import register_plan
@@ -21,6 +22,7 @@ from .data_parallel import data_parallel
 _install_function()   # custom autograd.Functions on ShardedTensors (see function.py)
 _install_optim()      # elementwise optimizers step on the shards (see optim.py)
 _install_convert()    # vector_to_parameters into plain parameters too (see convert.py)
+_install_compat()     # torch < 2.5: sharded parameters are no UninitializedParameter (compat.py)
 _install_hooks()      # the deprecated register_backward_hook warns (see hooks.py)
 
 __version__ = "0.1.0"
