@@ -229,6 +229,18 @@ def _bind_index(func, args, kwargs):
 _GATHER = (torch.gather, T.gather, torch.take_along_dim, T.take_along_dim)
 
 
+def _negative_take() -> bool:
+    """Whether this torch's take_along_dim counts negative indices from the end (newer torch
+    does; 2.4 raises, as gather and index_select do)."""
+    try:
+        return torch.take_along_dim(torch.arange(2.0), torch.tensor([-1])).item() == 1.0
+    except (RuntimeError, IndexError):
+        return False
+
+
+_NEGATIVE_TAKE = _negative_take()
+
+
 @rule(*_GATHER, torch.index_select, T.index_select)
 def gather(func, args, kwargs):
     """Picking along a dim. Replicated values: local. A tensor sharded on another dim: local on
@@ -276,7 +288,7 @@ def gather(func, args, kwargs):
     # along the sharded dim: pick what this rank holds, zeros elsewhere -> partial
     if type(il) is ST:
         il = to_layout(il, REPLICA, pg, func)
-    if base is torch.take_along_dim:   # takes -n..-1 as n-1 from the end (gather does not)
+    if base is torch.take_along_dim and _NEGATIVE_TAKE:   # -n..-1 count from the end
         il = torch.where(il < 0, il + g[d], il)
     from ._util import local_index
     lid, mask = local_index(il, g[d], spec, x._pg.tp_local_rank())
