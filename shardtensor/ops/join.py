@@ -203,8 +203,8 @@ def _plain_index(idx, func):
     for it in idx:
         if type(it) is ST:
             it = to_layout(it, REPLICA, it._pg, func)
-        if isinstance(it, list):
-            it = torch.tensor(it)
+        if isinstance(it, list):   # [] is an empty integer index, as torch reads it
+            it = torch.tensor(it) if it else torch.zeros(0, dtype=torch.long)
         if isinstance(it, torch.Tensor) and it.dtype == torch.bool:
             out.extend(it.nonzero(as_tuple=True))
             continue

@@ -56,9 +56,9 @@ def _copy(x):
 
 @hs.composite
 def index_items(draw, shape):
-    items, k = [], draw(hs.integers(1, 3))   # index tensors broadcast: one length
+    items, k = [], draw(hs.integers(0, 3))   # index tensors broadcast: one length
     for n in shape:
-        kind = draw(hs.sampled_from(["all", "slice", "step", "int", "tensor", "none"]))
+        kind = draw(hs.sampled_from(["all", "slice", "step", "int", "tensor", "list", "none"]))
         if kind == "none":
             items.append(None)
             kind = "all"
@@ -71,8 +71,9 @@ def index_items(draw, shape):
             items.append(slice(None, None, draw(hs.integers(2, 3))))
         elif kind == "int":
             items.append(draw(hs.integers(-n, n - 1)))
-        else:
-            items.append(torch.tensor(draw(hs.lists(hs.integers(0, n - 1), min_size=k, max_size=k))))
+        else:   # a list as torch reads it: `scores[i, banned_ids] = -inf`, [] included
+            ids = draw(hs.lists(hs.integers(0, n - 1), min_size=k, max_size=k))
+            items.append(ids if kind == "list" else torch.tensor(ids, dtype=torch.long))
     if draw(hs.booleans()):   # an Ellipsis standing for one full dim
         full = [k for k, v in enumerate(items) if v == slice(None)]
         if full:
@@ -139,6 +140,22 @@ def test_slicing_and_joining_match_serial(world, data):
         d = op.a[0] if op.name in ("narrow", "select") else op.a[-1]
         if op.name != "getitem" and d % len(shape) != nspec.dim:
             assert kinds == [], (op, kinds)     # slicing another dim is local
+
+
+# Python lists on the sharded dim, [] included (transformers 4.x's no-repeat-ngram processor
+# writes `scores[i, banned_tokens] = -inf` with an empty list first): [] was read as a float
+# tensor, IndexError where torch reads an empty integer index
+LIST_INDICES = [("getitem", ((slice(None), []),)), ("getitem", ((0, []),)),
+                ("getitem", (([], slice(None)),)), ("getitem", ((1, [6, 0, 6]),)),
+                ("setitem", ((0, []), (0,), 1)), ("setitem", ((slice(None), []), (3, 0), 2)),
+                ("setitem", ((slice(None), [1, 5, 6]), (3, 3), 3))]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_list_indices_on_the_sharded_dim_match_serial(world):
+    for dim in (0, 1):
+        for name, args in LIST_INDICES:
+            run(world, check_op, (3, 7), st.ShardSpec(dim, world), Op(name, *args), 0)
 
 
 # --- fused q|k|v -------------------------------------------------------------------------------
