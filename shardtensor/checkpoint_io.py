@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .collectives import gather_output
 from .spec import shard_ranges
 
 __all__ = ["CheckpointError", "agree", "blocks", "SafetensorsFile", "sha256_file"]
@@ -44,7 +45,7 @@ def gather_bytes(data: bytes, size: int) -> List[bytes]:
     if data:
         buf[4:4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     buf = buf.to(_device())
-    out = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    out = [gather_output(buf.shape, buf) for _ in range(dist.get_world_size())]
     dist.all_gather(out, buf)
     res = []
     for t in out:

@@ -33,6 +33,16 @@ def _record(kind: str, t: torch.Tensor, pg, op, phase: str) -> None:
 
 # --- raw collectives (no autograd) -------------------------------------------------------------
 
+def gather_output(shape, like: torch.Tensor) -> torch.Tensor:
+    """An empty tensor for a gather to write into (`like`'s dtype and device): a normal tensor
+    under `inference_mode` too, since torch < 2.5's gloo writes the gathered pieces from its
+    own thread, outside InferenceMode, and refuses to write into an inference tensor."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return like.new_empty(shape)
+
+
 _CONTIGUOUS = torch.contiguous_format
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -63,7 +73,7 @@ def _all_gather(x: torch.Tensor, spec: ShardSpec, n: int, pg, op, phase) -> torc
     if xt.shape[0] < m:  # pad this rank's piece to the largest so every rank sends the same
         xt = torch.cat([xt, xt.new_zeros((m - xt.shape[0],) + tuple(xt.shape[1:]))])
     xt = xt.contiguous()
-    out = xt.new_empty((d * m,) + tuple(xt.shape[1:]))
+    out = gather_output((d * m,) + tuple(xt.shape[1:]), xt)
     _record("all_gather", out, pg, op, phase)
     _all_gather_base(out, xt, group=pg.tp_process_group())
     if m * d == n and spec.stride == 1:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from . import trace as _trace
-from .collectives import redistribute_local
+from .collectives import gather_output, redistribute_local
 from .dispatch import RULES, UnsupportedOpError, ShardingError, config, _swallowed_by_torch
 from .groups import ProcessGroup
 from .spec import ComputeSpec, ReplicaSpec, Spec, grad_spec, local_shape, local_size
@@ -447,7 +447,7 @@ def _from_local_verdict(local, spec, shape, pg, status: int):
     t = torch.tensor(row, dtype=torch.int64)
     if dist.get_backend(pg.tp_process_group()) == "nccl":
         t = t.cuda()
-    out = [torch.empty_like(t) for _ in range(d)]
+    out = [gather_output(t.shape, t) for _ in range(d)]
     if _trace._ACTIVE:   # a collective like any other: CommTrace records every one
         _trace.record("all_gather", d * t.numel() * t.element_size(), d,
                       "ShardedTensor.from_local", "forward")
