@@ -261,10 +261,14 @@ class ShardedTensor(torch.Tensor):
             return _set(*args, **(kwargs or _EMPTY))
         if func is _ATEN_ITEM:     # a 0-d ShardedTensor read as a number by torch's argument
             return number(args[0])  # parser (torch.arange(n), n from generate's bookkeeping)
+        out = _replicated_below(func, args, kwargs or _EMPTY)
+        if out is not _NOT_LOCAL:
+            return out
         raise RuntimeError(f"shardtensor: the aten op {func} reached ShardedTensor's "
                            f"__torch_dispatch__; some torch function bypassed the sharding "
                            f"rules. torch.func transforms (grad, vmap, jacrev, ...) do so: they "
-                           f"run below __torch_function__ and cannot take ShardedTensors (use "
+                           f"run below __torch_function__ and cannot take sharded or partial "
+                           f"ShardedTensors, nor write into replicated ones (use "
                            f"torch.autograd.grad / .backward()). Otherwise, please report this "
                            f"with the code that ran.")
 
@@ -560,6 +564,21 @@ def _replicated_locally(func, args, kwargs):
     if not all(x._spec.is_replicate for x in sts) or any(r in fname for r in _RANDOM):
         return _NOT_LOCAL
     return _run_locally(func, args, kwargs, sts)
+
+
+def _replicated_below(func, args, kwargs):
+    """An aten op that reached __torch_dispatch__ (torch.func transforms run below
+    __torch_function__: transformers 4.x vmaps its causal mask over a `cache_position` that
+    assisted decoding made replicated) with every ShardedTensor replicated: each holds the whole
+    value, so the op runs on them as serially, giving plain tensors. _NOT_LOCAL for an op that
+    writes (the wrapper would not follow) or draws random numbers (each rank its own)."""
+    sts = _sharded_leaves(args, kwargs)
+    if not sts or func._schema.is_mutable or not all(x._spec.is_replicate for x in sts) or \
+            any(r in func.__name__ for r in _RANDOM):
+        return _NOT_LOCAL
+    from torch.utils._pytree import tree_map
+    unwrap = lambda x: x._local if type(x) is ShardedTensor else x
+    return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
 
 
 def _tp_one(func, args, kwargs):

@@ -506,3 +506,32 @@ def test_torch_func_transforms_name_themselves(world):
     for plain_err, msg in run(world, _func_grad):
         assert plain_err < 1e-6
         assert msg is not None and "torch.func transforms" in msg and "autograd.grad" in msg
+
+
+def _vmap_replicated(rank):
+    """transformers 4.x's causal mask: vmap of `kv_idx <= q_idx` over a cache_position that
+    assisted decoding computed from vocab-sharded logits (`n_matches`), so a replicated
+    ShardedTensor; it reached __torch_dispatch__ and raised."""
+    pg = st.ProcessGroup()
+    logits = torch.randn(2, 61, generator=torch.Generator().manual_seed(0))
+    sharded = st.ShardedTensor.from_global(logits, pg, st.ShardSpec(1, pg.tp_world_size()))
+    n_matches = (sharded.argmax(-1) == logits.argmax(-1)).sum()
+    position = torch.arange(3) + n_matches
+    mask = torch.vmap(torch.vmap(lambda q, k: k <= q, in_dims=(None, 0)), in_dims=(0, None))
+    got = mask(position, torch.arange(8))
+    ref = mask(torch.arange(3) + 2, torch.arange(8))
+    refused = []
+    for f, x in ((lambda v: v * 2, sharded), (lambda v: v.add_(1), position)):
+        try:                          # a shard, and a write into a replicated value
+            torch.vmap(f)(x)
+        except RuntimeError as e:
+            refused.append("torch.func transforms" in str(e))
+    return (isinstance(position, st.ShardedTensor) and position.spec.is_replicate,
+            torch.equal(got, ref), refused)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vmap_over_replicated_values_runs_as_serial(world):
+    for replicated, equal, refused in run(world, _vmap_replicated):
+        assert replicated and equal
+        assert refused == [True, True]
