@@ -280,6 +280,23 @@ def encoder_plan(config, tp: int) -> Plan:
         plan.setdefault(glob, layout)
     return plan
 
+
+def resnet_plan(config, tp: int) -> Plan:
+    """ResNet: in each residual layer the 3x3 convolution (the second of a bottleneck's three, the
+    first of a basic layer's two) is column parallel over its out channels, its BatchNorm follows
+    the channels, and the next convolution is row parallel over its in channels (weight (out,
+    in, kh, kw): ShardSpec(1)): one forward all-reduce per layer, one backward, plus one small
+    all-gather of the sharded BatchNorm's running statistics (its buffers stay whole) per
+    training step. The stem, the shortcuts and the classifier are replicated."""
+    first, second = ("1", "2") if config.layer_type == "bottleneck" else ("0", "1")
+    return {
+        f"*layers.*.layer.{first}.convolution.weight": "row",
+        f"*layers.*.layer.{first}.normalization.*": "row",
+        f"*layers.*.layer.{second}.convolution.weight": ShardSpec(1, tp),
+        "*": "replicate",
+    }
+
+
 for _cls in (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
              nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer):
     register_plan(f"{_cls.__module__}.{_cls.__qualname__}", torch_transformer_plan)
@@ -295,7 +312,4 @@ for _name in ("gpt_neox", "bloom", "falcon"):
     register_plan(_name, fused_per_head_plan)
 for _name in ("vit", "clip", "whisper", "bart"):
     register_plan(_name, encoder_plan)
-# conv nets: no rule shards Conv2d / BatchNorm over channels (a BatchNorm's running statistics are
-# buffers, which plans do not shard), so every parameter is replicated: the model runs unchanged
-# and communicates nothing
-register_plan("resnet", {"*": "replicate"})
+register_plan("resnet", resnet_plan)

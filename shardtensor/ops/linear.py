@@ -1,4 +1,5 @@
-"""Linear algebra: F.linear, mm/addmm (GPT-2's Conv1D), bmm/baddbmm, matmul/@, mv, dot, einsum.
+"""Linear algebra: F.linear, mm/addmm (GPT-2's Conv1D), bmm/baddbmm, matmul/@, mv, dot, einsum,
+and convolutions (F.conv1d/2d/3d: a contraction over the input channels, spatial dims unlabelled).
 
 Every op is one two-operand contraction written with labels (`ik,kj->ij`). The layout decision is
 pure and cached (`_plan`): split the work along one label L, or keep a pending partial sum.
@@ -82,7 +83,8 @@ def _plan(la: Labels, lb: Labels, lo: Labels, sa, sb, sizes: Tuple[Tuple[str, in
         cands.append((REPLICA, PARTIAL, PARTIAL))
     no = 1
     for lab in lo:
-        no *= size[lab]
+        if lab is not None:   # (a convolution's spatial dims: unlabelled, left out of the cost)
+            no *= size[lab]
     best, best_key = None, None
     for ta, tb, to in cands:
         split = not to.is_replicate
@@ -501,3 +503,86 @@ def einsum(func, args, kwargs):
     la, lb, lo, oshape = _einsum_labels(eq, tuple(_gshape(a)), tuple(_gshape(b)))
     return _contract(func, a, b, la, lb, lo, oshape,
                      lambda x, y, _: torch.einsum(eq, x, y, **kwargs))
+
+
+# --- convolutions -------------------------------------------------------------------------------
+
+_CONV_SHAPES: dict = {}
+
+
+def _conv_shape(func, gx, gw, stride, padding, dilation, groups) -> torch.Size:
+    """The output's global shape, as torch computes it (on meta tensors, cached)."""
+    key = (func, gx, gw, stride, padding, dilation, groups)
+    r = _CONV_SHAPES.get(key)
+    if r is None:
+        meta = [torch.empty(g, device="meta") for g in (gx, gw)]
+        r = remember(_CONV_SHAPES, key, func(*meta, None, stride, padding, dilation, groups).shape)
+    return r
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _conv_local(func, a, b, c, conf, cdim: int):
+    """func on local pieces; a rank holding no input or no output channel (uneven shards) gets
+    a zero channel added and removed: torch's convolutions refuse or misread an empty one."""
+    cout, cin = b.shape[0], b.shape[1]
+    if cout == 0 or cin == 0:
+        def one_more(t, dim):
+            return torch.cat([t, t.new_zeros(t.shape[:dim] + (1,) + t.shape[dim + 1:])], dim)
+        if cin == 0:
+            a, b = one_more(a, cdim), one_more(b, 1)
+        if cout == 0:
+            b = one_more(b, 0)
+            c = None if c is None else one_more(c, 0)
+    out = func(a, b, None if c is None else c.reshape(-1), *conf)
+    return out.narrow(cdim, 0, 0) if cout == 0 else out
+
+
+@rule(F.conv1d, F.conv2d, F.conv3d)
+def conv(func, args, kwargs):
+    """Convolution as a contraction over the input channels: the weight (out, in, *kernel)
+    sharded on its out channels is column parallel (output sharded on the channel dim, Megatron's
+    f on the input), sharded on its in channels with the input channel-sharded alike row
+    parallel (output partial; reduced first when there is a bias); a batch-sharded input with a
+    replicated weight stays batch-sharded. Grouped convolutions: channel-sharded input and
+    out-channel-sharded weight stay local when each rank holds whole groups, a batch-sharded
+    input with a replicated weight too; otherwise the inputs are gathered (computed replicated)."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    v = dict(zip(names, args))
+    v.update(kwargs)
+    x, w, bias = v["input"], v["weight"], v.get("bias")
+    conf = tuple(_hashable(v.get(k, d)) for k, d in (("stride", 1), ("padding", 0),
+                                                     ("dilation", 1)))
+    groups = v.get("groups", 1)
+    gx, gw = _gshape(x), _gshape(w)
+    oshape = _conv_shape(func, gx, gw, *conf, groups)
+    nd = len(gw) - 2
+    batched = len(gx) == nd + 2
+    if groups == 1:
+        if bias is not None:   # laid out (out, 1, ...): broadcast against the channel dim
+            bshape = torch.Size((gw[0],) + (1,) * nd)
+            bias = (wrap(bias._local.reshape((-1,) + (1,) * nd), bias._spec, bias._pg, bshape)
+                    if type(bias) is ST else bias.reshape(bshape))
+        lx = ("n", "k") if batched else ("k",)
+        pad = (None,) * nd
+        return _contract(func, x, w, lx + pad, ("o", "k") + pad, lx[:-1] + ("o",) + pad, oshape,
+                         lambda a, b, c: _conv_local(func, a, b, c, conf, len(lx) - 1),
+                         bias, lambda out, c: out + c)
+    pg = group_of(func, x, w, bias)
+    c = 1 if batched else 0
+    xs, ws = spec_of(x), spec_of(w)
+    d = pg.tp_world_size() if pg is not None else 1
+    if (xs.is_shard and xs.dim == c and xs.stride == 1 and ws == shard_spec(0, d)
+            and groups % d == 0 and spec_of(bias) in (ws, REPLICA)):   # whole groups per rank
+        bl = None if bias is None else to_layout(bias, ws, pg, func)
+        out = func(x._local, w._local, bl, *conf, groups // d)
+        return wrap(out, shard_spec(c, d), pg, oshape)
+    if batched and xs.is_shard and xs.dim == 0 and ws.is_replicate and spec_of(bias).is_replicate:
+        wl, bl = unwrap(w), unwrap(bias)   # split over the batch: the weight's gradient summed
+        wl = copy_to_region(wl, pg, func) if wl.requires_grad else wl
+        bl = copy_to_region(bl, pg, func) if bl is not None and bl.requires_grad else bl
+        return wrap(func(x._local, wl, bl, *conf, groups), xs, pg, oshape)
+    local = [None if t is None else to_layout(t, REPLICA, pg, func) for t in (x, w, bias)]
+    return wrap(func(*local, *conf, groups), REPLICA, pg, oshape)

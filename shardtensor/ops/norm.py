@@ -1,5 +1,5 @@
-"""Normalisation: F.layer_norm and F.rms_norm; weight normalisation's norm_except_dim and
-_weight_norm.
+"""Normalisation: F.layer_norm and F.rms_norm; F.batch_norm; weight normalisation's
+norm_except_dim and _weight_norm.
 
 Normalised dims not sharded (the input sharded on batch or sequence): the local op, with the
 weight and bias replicated (their gradients summed over the ranks). Normalised dims sharded
@@ -16,9 +16,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..collectives import copy_to_region
+from ..collectives import copy_to_region, redistribute_local
+from ..dispatch import UnsupportedOpError
 from ._util import (REPLICA, ST, shard_spec, allreduce_for_shards, group_of, materialize, rule,
-                    to_layout, wrap)
+                    spec_of, to_layout, unwrap, wrap)
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -94,6 +95,75 @@ if hasattr(F, "rms_norm"):
         ms = allreduce_for_shards((h * h).sum(dims, keepdim=True), pg, func) / math.prod(shape)
         y = (h * torch.rsqrt(ms + eps)).to(local.dtype)
         return wrap(y if wl is None else y * wl, xs, pg, g)
+
+
+# --- batch norm ----------------------------------------------------------------------------------
+
+@rule(F.batch_norm)
+def batch_norm(func, args, kwargs):
+    """Statistics per channel (dim 1). Channel-sharded input (after a column-parallel conv):
+    local, the weight, bias and running statistics in its layout; running statistics held whole
+    (an nn.BatchNorm's buffers) are updated through this rank's slice, then the slices of every
+    rank are gathered back into them (one all-gather of 2 x channels per training step).
+    Replicated input: local. Input sharded on another dim: local with the running statistics
+    (eval); refused in training, where the batch statistics would need every rank's values."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+    v = dict(zip(names, args))
+    v.update(kwargs)
+    x, rm, rv, w, b = (v.get(k) for k in names[:5])
+    training, momentum, eps = v.get("training", False), v.get("momentum", 0.1), v.get("eps", 1e-5)
+    pg = group_of(func, x, rm, rv, w, b)
+    local, xs, g = _input(x, func)
+    if xs.is_shard and xs.dim == 1:
+        ps = shard_spec(0, xs.degree, xs.stride)
+    elif xs.is_shard and training:
+        raise UnsupportedOpError(
+            f"F.batch_norm: batch statistics over an input sharded on dim {xs.dim} ({xs!r}) "
+            f"need every rank's values; shard the channels (dim 1) or replicate the input, or "
+            f"set shardtensor.config.fallback = 'gather'")
+    else:
+        ps = REPLICA
+    wl, bl = (None if p is None else _channel_param(p, ps, xs, pg, func) for p in (w, b))
+    stats = [_running(t, ps, pg, func) for t in (rm, rv)]
+    if local.shape[1]:
+        out = F.batch_norm(local, stats[0][0], stats[1][0], wl, bl, training, momentum, eps)
+    else:   # no channel here (uneven shards; torch refuses): keep the weight and bias in the
+        out = local.clone()   # graph, whose backward collectives every rank joins
+        for p in (wl, bl):
+            out = out if p is None else out + p.sum()
+    if training:
+        _write_back([s for s in stats if s[1] is not None], ps, pg, func)
+    return wrap(out, xs, pg, g)
+
+
+def _channel_param(p, ps, xs, pg, func):
+    local = to_layout(p, ps, pg, func)
+    # replicated, applied to an input sharded on another dim: its gradient is a sum over ranks
+    return copy_to_region(local, pg, func) if xs.is_shard and ps.is_replicate else local
+
+
+def _running(t, spec, pg, func):
+    """(local tensor of running statistic `t` in layout `spec`, for F.batch_norm to update in
+    place; `t` when that tensor is not `t`'s own memory, else None)."""
+    if t is None or spec_of(t) == spec:
+        return unwrap(t), None
+    with torch.no_grad():
+        return to_layout(t, spec, pg, func).clone(), t
+
+
+def _write_back(stats, spec, pg, func):
+    """Copy updated running statistics (local, target) from layout `spec` into their targets'
+    layouts: the plain buffers of one BatchNorm in one all-gather."""
+    with torch.no_grad():
+        if len(stats) == 2 and all(spec_of(t) == REPLICA for _, t in stats) and spec.is_shard:
+            both = torch.stack([l for l, _ in stats], 1)
+            full = redistribute_local(both, spec, REPLICA, (stats[0][1].shape[0], 2), pg, func)
+            for i, (_, t) in enumerate(stats):
+                unwrap(t).copy_(full[:, i])
+            return
+        for local, t in stats:
+            unwrap(t).copy_(redistribute_local(local, spec, spec_of(t), t.shape, pg, func))
 
 
 # --- weight normalisation (torch.nn.utils.parametrizations.weight_norm, nn.utils.weight_norm) ---
