@@ -5,7 +5,7 @@ from typing import Dict
 
 import torch
 
-__all__ = ["ARCHS", "build", "inputs_for"]
+__all__ = ["ARCHS", "build", "has_sdpa", "inputs_for"]
 
 ARCHS = ("gpt2", "opt", "bert", "t5", "llama")
 
@@ -38,6 +38,13 @@ def _config(arch: str, layers: int, vocab: int):
             intermediate_size=64, vocab_size=vocab, max_position_embeddings=64,
             attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     raise ValueError(f"unknown architecture {arch!r}; known: {ARCHS}")
+
+
+def has_sdpa(arch: str) -> bool:
+    """Whether the installed transformers has an sdpa attention for `arch` (T5 has none before
+    transformers 5: asking for it raises ValueError at construction)."""
+    cls, _ = _config(arch, 1, 61)
+    return bool(getattr(cls, "_supports_sdpa", False))
 
 
 def build(arch: str, attn: str = "sdpa", layers: int = 2, vocab: int = 61, seed: int = 0,

@@ -37,7 +37,7 @@ class HostReads:
         return False
 
 
-def _train_and_decode(rank, arch):
+def _train_and_decode(rank, arch, decode=True):
     from transformers import StaticCache
     pg = st.ProcessGroup()
     serial = build(arch, "sdpa")
@@ -51,6 +51,9 @@ def _train_and_decode(rank, arch):
         with HostReads() as rec:
             m(**batch).loss.backward()
         train = sorted(rec.calls)
+        if not decode:
+            out[name] = (train, None)
+            continue
         with torch.no_grad():
             cache = StaticCache(config=m.config, max_cache_len=ids.shape[1] + 4)
             m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(ids.shape[1]))
@@ -63,8 +66,13 @@ def _train_and_decode(rank, arch):
     return out
 
 
+# transformers' mask for torch < 2.5 (sdpa_mask_older_torch) does `causal_mask |= ...` on an
+# expanded tensor: a StaticCache step at batch 2 without an attention mask fails serially there
+OLD_TORCH_MASK = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_sharded_steps_read_no_more_host_values_than_serial(arch):
-    for r in run(2, _train_and_decode, arch):
+    for r in run(2, _train_and_decode, arch, not OLD_TORCH_MASK):
         assert r["sharded"][0] == r["serial"][0], f"training step: {r}"
         assert r["sharded"][1] == r["serial"][1], f"decode step: {r}"

@@ -14,7 +14,7 @@ import shardtensor as st
 from shardtensor.models_testing import build
 from shardtensor.testing import run
 
-from test_generate import PAD, VOCAB, _prompt, _value
+from test_generate import PAD, VOCAB, _attn, _prompt, _value
 
 ATOL = 1e-5
 
@@ -61,14 +61,14 @@ def _generate(rank, cases, world):
         ids, mask = _prompt()
         if opt.get("batch1"):
             ids, mask = ids[:1], mask[:1]
-        serial = build(arch, opt.get("attn", "sdpa"), layers=1, vocab=VOCAB).eval()
+        serial = build(arch, opt.get("attn", _attn(arch)), layers=1, vocab=VOCAB).eval()
         model = copy.deepcopy(serial)
         st.parallelize(model, pg)
         kw = dict(kw, max_new_tokens=kw.get("max_new_tokens", 6), pad_token_id=PAD[arch],
                   return_dict_in_generate=True)
         par_kw = dict(kw)
         if opt.get("assistant"):     # a smaller, differently seeded serial / parallel assistant
-            helper = build(arch, "sdpa", layers=1, vocab=VOCAB, seed=5).eval()
+            helper = build(arch, _attn(arch), layers=1, vocab=VOCAB, seed=5).eval()
             kw["assistant_model"] = helper
             par_kw["assistant_model"] = copy.deepcopy(helper)
             if opt["assistant"] == "parallel":

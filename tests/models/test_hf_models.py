@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shardtensor as st
-from shardtensor.models_testing import ARCHS, build, inputs_for, weight_error
+from shardtensor.models_testing import ARCHS, build, has_sdpa, inputs_for, weight_error
 from shardtensor.testing import run
 
 
@@ -46,6 +46,8 @@ def _same_as_serial(rank, arch, attn, tp, dp=1):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_backward_equal_serial(arch, attn, world):
+    if attn == "sdpa" and not has_sdpa(arch):
+        pytest.skip(f"{arch} has no sdpa attention in this transformers (T5: before 5.0)")
     errs, sharded = run(world, _same_as_serial, arch, attn, world)[0]
     bad = {k: v for k, v in errs.items() if not v < 1e-4}
     assert not bad, bad
@@ -89,7 +91,7 @@ def test_ten_adamw_steps_with_clipping_equal_serial(foreach):
 
 def _comm_per_block(rank, arch, layers):
     pg = st.ProcessGroup()
-    model = build(arch, "sdpa", layers=layers)
+    model = build(arch, "sdpa" if has_sdpa(arch) else "eager", layers=layers)
     st.parallelize(model, pg)
     batch = inputs_for(arch)
     with st.CommTrace() as trace:

@@ -162,11 +162,16 @@ def _check(rank, arch, world):
     lr = 1e-3
     opts = [torch.optim.AdamW(m.parameters(), lr=lr, eps=1e-6, weight_decay=0.1)
             for m in (serial, model)]
-    for step in range(2):
-        for m, opt in zip((serial, model), opts):
-            opt.zero_grad()
-            m(**_batch(arch, 2 + step, torch.float64)).loss.backward()
-            opt.step()
+    default = torch.get_default_dtype()   # transformers 4.x's CLIP fills its causal mask with
+    torch.set_default_dtype(torch.float64)   # float64's min in the default dtype (overflow)
+    try:
+        for step in range(2):
+            for m, opt in zip((serial, model), opts):
+                opt.zero_grad()
+                m(**_batch(arch, 2 + step, torch.float64)).loss.backward()
+                opt.step()
+    finally:
+        torch.set_default_dtype(default)
     # measured on the weight's scale, or a step's where that is smaller (zero-initialised biases)
     steps = {name: _rel(p, q, lr) for (name, p), q in
              zip(model.named_parameters(), serial.parameters())}
