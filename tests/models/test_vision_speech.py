@@ -13,6 +13,7 @@ import torch
 
 import shardtensor as st
 from shardtensor.testing import run
+from test_more_archs import _rel, _value   # one relative error for both model files
 
 VOCAB = 61
 
@@ -92,15 +93,6 @@ def _inputs(arch: str, seed: int):
 
 def _logits(arch, out):
     return out.logits_per_image if arch.startswith("clip") else out.logits
-
-
-def _value(x):
-    return x.full() if isinstance(x, st.ShardedTensor) else x
-
-
-def _rel(a, b, floor=1e-5):
-    a, b = _value(a).detach().double(), _value(b).detach().double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item()
 
 
 def _counts(model, batch):
