@@ -11,6 +11,7 @@ from .optim import install as _install_optim
 from .convert import install as _install_convert
 from .compat import install as _install_compat
 from .hooks import install as _install_hooks
+from .torch_save import install as _install_torch_save
 from .annotate import parallelize, replicate, shard_param, split_col, split_row
 from .plans import register_plan
 from .launch import launch
@@ -24,6 +25,7 @@ _install_optim()      # elementwise optimizers step on the shards (see optim.py)
 _install_convert()    # vector_to_parameters into plain parameters too (see convert.py)
 _install_compat()     # torch < 2.5: sharded parameters are no UninitializedParameter (compat.py)
 _install_hooks()      # the deprecated register_backward_hook warns (see hooks.py)
+_install_torch_save()  # a torch.save refused while pickling writes nothing (torch_save.py)
 
 __version__ = "0.1.0"
 
