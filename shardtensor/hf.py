@@ -120,16 +120,19 @@ def guard_save_pretrained() -> None:
     that, called without `state_dict=` on a model holding a tensor-parallel shard, it raises
     UnsupportedOpError naming the recipe before writing anything: it wrote config.json, then
     failed reading the first shard's memory. A serial or tp=1 model, or one given
-    `state_dict=`, saves as before. (PEFT's save_pretrained reads only the adapters: the
-    memory rule's error stands there.)"""
+    `state_dict=`, saves as before. PEFT's `PeftModel.save_pretrained` (where peft is
+    imported), which saves the adapters only, is wrapped alike: it refuses when an adapter it
+    would save is a shard (it wrote README.md, then failed reading the shard's memory)."""
     import sys
-    cls = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
-    save = getattr(cls, "save_pretrained", None)
-    if save is not None and not getattr(save, "_shardtensor_guard", False):
-        cls.save_pretrained = _guarded(save)
+    for module, name, refuse in (("transformers.modeling_utils", "PreTrainedModel", _refuse_shards),
+                                 ("peft.peft_model", "PeftModel", _refuse_adapter_shards)):
+        cls = getattr(sys.modules.get(module), name, None)
+        save = cls.__dict__.get("save_pretrained") if cls is not None else None
+        if save is not None and not getattr(save, "_shardtensor_guard", False):
+            cls.save_pretrained = _guarded(save, refuse)
 
 
-def _guarded(save):
+def _guarded(save, refuse):
     import functools
     import inspect
     sig = inspect.signature(save)
@@ -140,18 +143,35 @@ def _guarded(save):
             given = sig.bind_partial(self, *args, **kwargs).arguments
         except TypeError:   # HF's own error for bad arguments
             return save(self, *args, **kwargs)
-        if given.get("state_dict") is None:
-            _refuse_shards(self, f"{type(self).__name__}.save_pretrained")
+        # HF takes state_dict= as a parameter, PEFT in its **kwargs
+        if given.get("state_dict", given.get("kwargs", {}).get("state_dict")) is None:
+            refuse(self, f"{type(self).__name__}.save_pretrained", given)
         return save(self, *args, **kwargs)
     save_pretrained._shardtensor_guard = True
     return save_pretrained
 
 
-def _refuse_shards(model: nn.Module, where: str) -> None:
-    """UnsupportedOpError (the recipe) if `model` holds a shard of a tensor at tp > 1."""
+def _refuse_adapter_shards(model: nn.Module, where: str, given: dict) -> None:
+    """_refuse_shards over what PEFT's save_pretrained would save: each selected adapter's
+    state dict, as PEFT computes it (LoRA's A or B is a shard in a parallelized model)."""
+    try:
+        from peft.utils import get_peft_model_state_dict
+        adapters = given.get("selected_adapters") or list(model.peft_config)
+        sds = [get_peft_model_state_dict(model, adapter_name=a, save_embedding_layers=given.get(
+            "save_embedding_layers", "auto")) for a in adapters]
+    except Exception:   # another peft: check every tensor of the model
+        return _refuse_shards(model, where)
+    _refuse_shards(model, where, tensors=[kv for sd in sds for kv in sd.items()])
+
+
+def _refuse_shards(model: nn.Module, where: str, given=None, tensors=None) -> None:
+    """UnsupportedOpError (the recipe) if `model` (or `tensors`, (name, tensor) pairs) holds a
+    shard of a tensor at tp > 1."""
     from .dispatch import UnsupportedOpError
     from .tensor import ShardedTensor
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    if tensors is None:
+        tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in tensors:
         if type(t) is ShardedTensor and not t.spec.is_replicate and t.pg.tp_world_size() > 1:
             raise UnsupportedOpError(
                 f"{where}: {name!r} is a ShardedTensor with {t.spec!r}: this rank holds only its "

@@ -5,6 +5,7 @@ a sharded dim raise as serial, and cat with legacy empty 1-D inputs keeps them i
 import io
 import os
 
+import pytest
 import torch
 from torch import nn
 
@@ -57,3 +58,46 @@ def test_refused_torch_save_leaves_the_destination_as_it_was(tmp_path):
         assert not absent_exists                    # no file created
         assert (buf, pos) == (b"header", 6)         # nothing written into the buffer
         assert round_trips == [True, True, True]
+
+
+# --- PEFT's save_pretrained: refused before anything is written ---------------------------------
+
+def _peft_saves(rank, directory):
+    import peft
+    from shardtensor.models_testing import build, inputs_for
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                          init_lora_weights=False)
+    torch.manual_seed(5)
+    serial = peft.get_peft_model(build("gpt2"), cfg)
+    model = peft.get_peft_model(build("gpt2"), cfg)
+    model.load_state_dict(serial.state_dict())
+    st.parallelize(model, st.ProcessGroup(tp_degree=2))
+    refused = os.path.join(directory, f"refused{rank}")
+    try:
+        model.save_pretrained(refused)
+        message = ""
+    except st.UnsupportedOpError as e:
+        message = str(e)
+    # the recipe the error names saves the adapters, which load serially
+    recipe = os.path.join(directory, "recipe")
+    model.save_pretrained(recipe, state_dict=st.full_state_dict(model),
+                          is_main_process=(rank == 0))
+    torch.distributed.barrier()
+    back = peft.PeftModel.from_pretrained(build("gpt2"), recipe)
+    batch = inputs_for("gpt2")
+    same = torch.equal(back(**batch).logits, serial(**batch).logits)
+    # a plain (unparallelized) PEFT model still saves without the recipe
+    plain = os.path.join(directory, f"plain{rank}")
+    serial.save_pretrained(plain)
+    return (message, os.path.exists(refused), same,
+            sorted(os.listdir(plain)) == ["README.md", "adapter_config.json",
+                                          "adapter_model.safetensors"])
+
+
+def test_peft_save_pretrained_refuses_before_writing(tmp_path):
+    pytest.importorskip("peft")
+    for message, written, same, plain_saved in run(2, _peft_saves, str(tmp_path)):
+        assert "PeftModel.save_pretrained" in message and "lora_" in message, message
+        assert "full_state_dict" in message and "Nothing was written" in message
+        assert not written          # no README.md, no directory
+        assert same and plain_saved
