@@ -323,6 +323,8 @@ def hf_tp_auto(serial, dtype, device, rank):
     dist.barrier()
     kw = dict(tp_plan="auto", dtype=dtype)
     m = AutoModelForCausalLM.from_pretrained(path[0], **kw)
+    if next(m.parameters()).device != torch.device(device):
+        m.to(device)       # at world 1 transformers skips tp_plan and leaves the model on the CPU
     return m.eval()
 
 
