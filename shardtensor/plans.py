@@ -235,29 +235,33 @@ def torch_transformer_plan(config, tp: int) -> Plan:
     }
 
 
-# an attention's q/k/v and output projections: ViT's (transformers < 5.24 names them BERT's way),
-# CLIP's, Whisper's and BART's
-_ATTENTION = ("*[qkv]_proj.*", "*out_proj.weight", "*attention.o_proj.weight",
+# an attention's q/k/v and output projections: ViT's and DeiT's (transformers < 5.24 names them
+# BERT's way), CLIP's, SigLIP's (its pooling head is an nn.MultiheadAttention: fused in_proj),
+# Whisper's and the BART family's
+_ATTENTION = ("*[qkv]_proj.*", "*in_proj_*", "*out_proj.weight", "*attention.o_proj.weight",
               "*attention.attention.*", "*attention.output.dense.weight")
 
 
 def _attention_stacks(config) -> tuple:
     """(name prefix glob, head count) of each stack of attention layers sharing a head count."""
-    if config.model_type == "clip":
+    if config.model_type in ("clip", "siglip"):
         return (("text_model.", config.text_config.num_attention_heads),
                 ("vision_model.", config.vision_config.num_attention_heads))
-    if config.model_type == "vit":
+    if config.model_type in ("vit", "deit"):
         return (("", config.num_attention_heads),)
-    return (("*encoder.", config.encoder_attention_heads),     # Whisper, BART; a decoder's
-            ("*decoder.", config.decoder_attention_heads))     # cross-attention is its own
+    # Whisper and the BART family (a decoder's cross-attention is the decoder's own)
+    return (("*encoder.", config.encoder_attention_heads),
+            ("*decoder.", config.decoder_attention_heads))
 
 
 def encoder_plan(config, tp: int) -> Plan:
-    """ViT, CLIP (text and vision towers), Whisper and BART: q/k/v column parallel (biases with
-    them), the attention output and fc2 row parallel, fc1 column parallel, the token embedding
-    vocab-parallel (Whisper's and BART's tied LM head with it). Conv front ends (patches, mel),
-    position tables, norms, classifiers and CLIP's projections are replicated. A stack whose
-    heads do not divide by tp keeps its attention replicated (its MLP is still split)."""
+    """ViT, DeiT, CLIP, SigLIP (text and vision towers), Whisper, and BART with its relatives
+    mBART, Marian and Pegasus: q/k/v column parallel (biases with them; SigLIP's pooling head's
+    fused in_proj with stride 3), the attention output and fc2 row parallel, fc1 column
+    parallel, the token embedding vocab-parallel (the tied LM head with it). Conv front ends
+    (patches, mel), position tables, norms, classifiers and CLIP's projections are replicated.
+    A stack whose heads do not divide by tp keeps its attention replicated (its MLP is still
+    split)."""
     plan: Plan = {prefix + glob: "replicate" for prefix, heads in _attention_stacks(config)
                   if not _heads_fit(heads, tp) for glob in _ATTENTION}
     for glob, layout in {   # after those: the first match wins (ViT's prefix is "": same globs)
@@ -267,6 +271,8 @@ def encoder_plan(config, tp: int) -> Plan:
         "lm_head.weight": "row",                        # untied heads (tie_word_embeddings=False)
         "proj_out.weight": "row",
         "*[qkv]_proj.*": "row",
+        "*in_proj_weight": ("row", {"stride": 3}),      # SigLIP's pooling head: fused q|k|v
+        "*in_proj_bias": ("row", {"stride": 3}),
         "*attention.attention.*": "row",                # ViT before transformers 5.24
         "*out_proj.weight": "col",
         "*attention.o_proj.weight": "col",              # ViT
@@ -310,6 +316,6 @@ for _name in ("qwen3", "gemma", "gemma2", "gemma3_text", "starcoder2", "mixtral"
     register_plan(_name, decoder_plan)
 for _name in ("gpt_neox", "bloom", "falcon"):
     register_plan(_name, fused_per_head_plan)
-for _name in ("vit", "clip", "whisper", "bart"):
+for _name in ("vit", "deit", "clip", "siglip", "whisper", "bart", "mbart", "marian", "pegasus"):
     register_plan(_name, encoder_plan)
 register_plan("resnet", resnet_plan)
