@@ -6,7 +6,8 @@ Build the model on the meta device, parallelize it (layouts only, no memory), th
 the CPU. Buffers left on the meta device (non-persistent ones such as rotary `inv_freq` or
 `position_ids`, or persistent ones the checkpoint lacks) are computed as the model's own
 construction computes them (materialise.py), and loading refuses, changing nothing, if nothing
-computes them.
+computes them. Parameters the checkpoint lacks (a new head) are initialised as
+`from_pretrained` initialises them, by the model's `_init_weights`, and reported.
 
 And back: HF's `save_pretrained` of a parallelized model without `state_dict=` refuses before
 writing anything, naming the recipe (`guard_save_pretrained`, installed by parallelize).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Dict, List
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 
 from .checkpoint import Target, last_load, unique_tensors
 from .checkpoint_io import CheckpointError, SafetensorsFile, blocks, checked, overlap
-from .materialise import computed_buffers, fill, install_buffers
+from .materialise import can_init, computed_buffers, fill, init_missing, install_buffers
 
 __all__ = ["load_pretrained", "guard_save_pretrained"]
 
@@ -53,10 +55,14 @@ def _find(names: List[str], weight_map, prefix: str):
 def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
     """Collective: fill `model` (parallelized, parameters possibly on the meta device) from the
     HuggingFace `save_pretrained` directory, each rank reading only its slices; meta parameters
-    are materialised on the CPU (tied ones stay tied) and meta buffers recomputed. Returns
-    {"unexpected": checkpoint keys the model has no use for, "reinitialised": buffers
-    recomputed}. Raises CheckpointError on every rank, changing nothing, on a missing parameter,
-    a shape mismatch or a meta buffer nothing computes."""
+    are materialised on the CPU (tied ones stay tied) and meta buffers recomputed. Parameters
+    the checkpoint lacks (a classification head on a base checkpoint) are initialised as
+    HuggingFace's `from_pretrained` initialises them (the model's `_init_weights`; serial's
+    values under the same seed), with a warning. Returns {"missing": those parameters,
+    "unexpected": checkpoint keys the model has no use for, "reinitialised": buffers
+    recomputed}. Raises CheckpointError on every rank, changing nothing, on a shape mismatch, a
+    meta buffer nothing computes, or a missing parameter outside any module with an
+    `_init_weights`."""
     tensors, aliases = unique_tensors(model.state_dict(keep_vars=True))
     names: Dict[str, List[str]] = {n: [n] for n in tensors}
     for a, n in aliases.items():
@@ -92,25 +98,33 @@ def load_pretrained(model: nn.Module, directory: str) -> Dict[str, List[str]]:
                 part = f.read(key, [(s0, n) for _, s0, n in box])
                 buf[tuple(slice(t0, t0 + n) for t0, _, n in box)].copy_(part)  # casts dtype
             staged[name] = buf
-        if missing_params:
+        if missing_params and not can_init(model, missing_params):
             raise CheckpointError(f"{directory} does not hold the model's parameters "
                                   f"{missing_params[:5]}{' ...' if len(missing_params) > 5 else ''}"
-                                  f" ({len(missing_params)} missing)")
+                                  f" ({len(missing_params)} missing), and the model has no "
+                                  f"HuggingFace _init_weights to initialise them")
         buffers = computed_buffers(model, [id(tensors[n]) for n in staged], f"{directory}: ")
-        return staged, buffers, sorted(set(weight_map) - used)
+        return staged, buffers, sorted(set(weight_map) - used), missing_params
     try:
-        staged, buffers, unexpected = checked(prepare)
+        staged, buffers, unexpected, missing = checked(prepare)
     finally:
         last_load.update(bytes_read=sum(f.bytes_read for f in files.values()), files=sorted(files))
         for f in files.values():
             f.close()
 
     with torch.no_grad():
+        if missing:   # initialised first: loading then overwrites whatever the init touched
+            init_missing(model, [tensors[n] for n in missing], [tensors[n] for n in staged])
+            warnings.warn(f"Some weights of {type(model).__name__} were not initialized from the "
+                          f"model checkpoint at {directory} and are newly initialized: "
+                          f"{missing}\nYou should probably TRAIN this model on a down-stream "
+                          f"task to be able to use it for predictions and inference.",
+                          stacklevel=2)
         for name, t in tensors.items():
             if name in staged:
                 fill(t, staged.pop(name))
         reinit = install_buffers(buffers)   # computed in prepare
-    return {"unexpected": unexpected, "reinitialised": reinit}
+    return {"missing": missing, "unexpected": unexpected, "reinitialised": reinit}
 
 
 # --- save_pretrained: refuse before writing anything --------------------------------------------
@@ -124,6 +138,8 @@ def guard_save_pretrained() -> None:
     imported), which saves the adapters only, is wrapped alike: it refuses when an adapter it
     would save is a shard (it wrote README.md, then failed reading the shard's memory)."""
     import sys
+    from .materialise import hf_init_rules
+    hf_init_rules()     # (not about saving: parallelize installs this where transformers is)
     for module, name, refuse in (("transformers.modeling_utils", "PreTrainedModel", _refuse_shards),
                                  ("peft.peft_model", "PeftModel", _refuse_adapter_shards)):
         cls = getattr(sys.modules.get(module), name, None)

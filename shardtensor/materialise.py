@@ -20,7 +20,7 @@ from torch import nn
 from .checkpoint_io import CheckpointError
 from .tensor import ShardedTensor, wrap
 
-__all__ = ["fill", "computed_buffers", "install_buffers"]
+__all__ = ["fill", "computed_buffers", "install_buffers", "can_init", "init_missing"]
 
 Computed = List[Tuple[str, nn.Module, str, torch.Tensor]]
 
@@ -194,3 +194,65 @@ def _from_init_weights(model: nn.Module, todo) -> Dict[str, torch.Tensor]:
         for mod, b, v in saved:
             mod._buffers[b] = v
     return values
+
+
+# --- parameters a checkpoint lacks: initialised as HuggingFace's from_pretrained does ------------
+
+def hf_init_rules() -> None:
+    """transformers' `initialize_weights` swaps `torch.nn.init`'s functions for its own
+    flag-checking ones while it runs (`guard_torch_init_functions`), so torch's `normal_` hands
+    `__torch_function__` transformers' `normal_`: give those the rules of torch's own (once,
+    where transformers.initialization is imported)."""
+    from .dispatch import RULES
+    mod = sys.modules.get("transformers.initialization")
+    originals = getattr(mod, "TORCH_INIT_FUNCTIONS", {})
+    for name, torch_fn in originals.items():
+        theirs = getattr(mod, name, None)
+        if torch_fn in RULES and theirs is not None and theirs not in RULES:
+            RULES[theirs] = RULES[torch_fn]
+
+
+def _init_roots(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The modules whose `_init_weights` initialise: the model if it has one, else the HF
+    models inside it (PEFT's base model)."""
+    if getattr(model, "_init_weights", None) is not None:
+        return [("", model)]
+    return _hf_roots(model)
+
+
+def can_init(model: nn.Module, names: Iterable[str]) -> bool:
+    """Whether `init_missing` can initialise the parameters `names` of `model`: each is inside a
+    module with an HF-style `_init_weights`."""
+    roots = [p for p, _ in _init_roots(model)]
+    return all(any(not p or n.startswith(p + ".") for p in roots) for n in names)
+
+
+def init_missing(model: nn.Module, missing: List[torch.Tensor], loaded: List[torch.Tensor]) -> None:
+    """Initialise the parameters `missing` (materialised on the CPU first if on the meta device)
+    as `from_pretrained` initialises what a checkpoint lacks: the `loaded` tensors and every
+    buffer are flagged `_is_hf_initialized`, so are the modules holding no missing parameter,
+    and the model's own `initialize_weights` (`_init_weights` per module) runs: transformers 5's
+    init functions skip flagged tensors, 4.x skips flagged modules. The same random draws as
+    serial under the same seed (an in-place random fill of a ShardedTensor draws the whole
+    tensor). The flags stay, as from_pretrained leaves them."""
+    from .checkpoint import Target
+    for t in missing:
+        if t.is_meta:
+            fill(t, torch.empty(Target("", t).local_shape(), dtype=t.dtype))
+    for t in loaded:
+        t._is_hf_initialized = True
+    for b in model.buffers():
+        b._is_hf_initialized = True
+    ids = {id(t) for t in missing}
+    for mod in model.modules():   # (a module built off the meta device was flagged at init)
+        mod._is_hf_initialized = not any(id(p) in ids for p in mod.parameters())
+    hf_init_rules()
+    for _, root in _init_roots(model):
+        if getattr(root, "initialize_weights", None) is not None:
+            root.initialize_weights()
+        elif getattr(root, "_initialize_weights", None) is not None:
+            root.apply(root._initialize_weights)
+        else:
+            root.apply(root._init_weights)
+    for t in missing:
+        t._is_hf_initialized = True

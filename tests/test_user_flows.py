@@ -101,3 +101,95 @@ def test_peft_save_pretrained_refuses_before_writing(tmp_path):
         assert "full_state_dict" in message and "Nothing was written" in message
         assert not written          # no README.md, no directory
         assert same and plain_saved
+
+
+# --- load_pretrained: parameters the checkpoint lacks are initialised as from_pretrained does ---
+
+def _heads(arch):
+    """(checkpoint model class, model class with a head the checkpoint lacks, config)."""
+    import transformers as tf
+    from shardtensor.models_testing import build
+    config = build(arch).config
+    if arch == "gpt2":
+        config.pad_token_id, config.num_labels = 0, 3
+        return tf.GPT2LMHeadModel, tf.GPT2ForSequenceClassification, config
+    config.tie_word_embeddings = False     # lm_head: its own, vocab-sharded table
+    return tf.LlamaModel, tf.LlamaForCausalLM, config
+
+
+def _with_missing(rank, arch, directory, seed, meta):
+    import warnings
+    from shardtensor.models_testing import inputs_for
+    _, cls, config = _heads(arch)
+    torch.manual_seed(seed)
+    with torch.device("meta" if meta else "cpu"):
+        model = cls(config)
+    st.parallelize(model, st.ProcessGroup(tp_degree=2))
+    if not meta:
+        before = {n: p.full().clone() if isinstance(p, st.ShardedTensor) else p.detach().clone()
+                  for n, p in model.named_parameters()}
+    torch.manual_seed(seed)          # as serial: from_pretrained right after manual_seed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = st.load_pretrained(model, directory)
+    warned = [str(w.message) for w in caught if "newly initialized" in str(w.message)]
+    state = {n: p.full() if isinstance(p, st.ShardedTensor) else p.detach()
+             for n, p in model.state_dict().items()}
+    batch = {k: v for k, v in inputs_for(arch).items() if k != "labels"}
+    out = model(**batch).logits
+    changed = None if meta else [n for n in info["missing"] if not torch.equal(state[n], before[n])]
+    layout = model.get_parameter(info["missing"][0]).spec
+    return (info["missing"], warned, state, (out.full() if isinstance(out, st.ShardedTensor)
+                                              else out).detach(), changed, layout)
+
+
+def _both_builds(rank, arch, directory, seed):
+    return [_with_missing(rank, arch, directory, seed, meta) for meta in (True, False)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_load_pretrained_initialises_missing_parameters_as_from_pretrained(tmp_path, arch):
+    from shardtensor.models_testing import inputs_for
+    base, cls, config = _heads(arch)
+    torch.manual_seed(0)
+    base(config).save_pretrained(tmp_path)
+    torch.manual_seed(7)
+    serial = cls.from_pretrained(tmp_path)
+    want = serial.state_dict()
+    missing = sorted(set(want) - {k for k in want if k in base(config).state_dict()
+                                  or k.split(".", 1)[-1] in base(config).state_dict()})
+    assert missing in (["score.weight"], ["lm_head.weight"])
+    batch = {k: v for k, v in inputs_for(arch).items() if k != "labels"}
+    logits = serial(**batch).logits.detach()
+    for rank_out in run(2, _both_builds, arch, str(tmp_path), 7):
+        for meta, (got, warned, state, out, changed, layout) in zip((True, False), rank_out):
+            # GPT-2's score is replicated, Llama's untied lm_head vocab-sharded
+            assert layout.is_shard == (arch == "llama")
+            assert got == missing and len(warned) == 1 and missing[0] in warned[0]
+            assert state.keys() == want.keys()
+            if meta:   # the same draws as serial from_pretrained under the same seed
+                bad = [k for k in want if not torch.equal(state[k], want[k])]
+                assert bad == [], bad
+                torch.testing.assert_close(out, logits, rtol=1e-5, atol=1e-5)
+            else:      # built on the CPU: loaded as serial, the missing ones re-initialised
+                assert all(torch.equal(state[k], want[k]) for k in want if k not in missing)
+                assert changed == missing
+                assert abs(state[missing[0]].std().item() - 0.02) < 0.01
+
+
+def _plain_missing(rank, directory):
+    pg = st.ProcessGroup(tp_degree=2)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 4))
+    st.split_row(model[0].weight, pg)
+    with pytest.raises(st.CheckpointError, match=r"\['1.bias'\].*no HuggingFace _init_weights"):
+        st.load_pretrained(model, directory)
+    return all(p.is_meta for p in model.parameters())
+
+
+def test_load_pretrained_refuses_missing_parameters_nothing_initialises(tmp_path):
+    import safetensors.torch
+    sd = {k: v for k, v in nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 4)).state_dict().items()
+          if k != "1.bias"}
+    safetensors.torch.save_file(sd, str(tmp_path / "model.safetensors"))
+    assert run(2, _plain_missing, str(tmp_path)) == [True, True]   # nothing changed
