@@ -1,5 +1,6 @@
 """Linear algebra: F.linear, mm/addmm (GPT-2's Conv1D), bmm/baddbmm, matmul/@, mv, dot, einsum,
-and convolutions (F.conv1d/2d/3d: a contraction over the input channels, spatial dims unlabelled).
+and convolutions (F.conv1d/2d/3d, F.conv_transpose1d/2d/3d: a contraction over the input
+channels, spatial dims unlabelled).
 
 Every op is one two-operand contraction written with labels (`ik,kj->ij`). The layout decision is
 pure and cached (`_plan`): split the work along one label L, or keep a pending partial sum.
@@ -508,67 +509,119 @@ def einsum(func, args, kwargs):
 # --- convolutions -------------------------------------------------------------------------------
 
 _CONV_SHAPES: dict = {}
+# the arguments after (input, weight, bias), groups apart: F.conv*d's and F.conv_transpose*d's
+_CONV_ARGS = (("stride", 1), ("padding", 0), ("dilation", 1))
+_TRANSPOSE_ARGS = (("stride", 1), ("padding", 0), ("output_padding", 0), ("dilation", 1))
+_TRANSPOSE_NAMES = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
+                    "dilation")
 
 
-def _conv_shape(func, gx, gw, stride, padding, dilation, groups) -> torch.Size:
-    """The output's global shape, as torch computes it (on meta tensors, cached)."""
-    key = (func, gx, gw, stride, padding, dilation, groups)
+def _conv_shape(func, gx, gw, gb, conf, groups, transposed: bool) -> torch.Size:
+    """The output's global shape, as torch computes it (on meta tensors, cached), after the
+    checks torch's kernels make and its meta functions skip (channels, groups, bias, output
+    padding): a shard would otherwise meet a mismatched weight on some ranks only."""
+    key = (func, gx, gw, gb, conf, groups)
     r = _CONV_SHAPES.get(key)
     if r is None:
+        _check_conv(func, gx, gw, gb, dict(conf), groups, transposed)
         meta = [torch.empty(g, device="meta") for g in (gx, gw)]
-        r = remember(_CONV_SHAPES, key, func(*meta, None, stride, padding, dilation, groups).shape)
+        r = remember(_CONV_SHAPES, key, func(*meta, None, groups=groups, **dict(conf)).shape)
     return r
+
+
+def _check_conv(func, gx, gw, gb, conf, groups, transposed: bool):
+    name, nd = _trace.func_name(func), len(gw) - 2
+    if len(gw) < 3 or len(gx) not in (nd + 1, nd + 2):
+        return                                         # torch's meta function says what is wrong
+    tw = "transposed=1, " if transposed else ""
+    if groups < 1 or gw[0] % groups:
+        raise RuntimeError(f"{name}: Given groups={groups}, expected weight to be divisible by "
+                           f"{groups} at dimension 0, but got weight of size {list(gw)} instead")
+    cin = gw[0] if transposed else gw[1] * groups
+    c = gx[len(gx) - nd - 1]
+    if c != cin:
+        raise RuntimeError(f"{name}: Given {tw}groups={groups}, weight of size {list(gw)}, "
+                           f"expected input{list(gx)} to have {cin} channels, but got {c} "
+                           f"channels instead")
+    cout = gw[1] * groups if transposed else gw[0]
+    if gb is not None and tuple(gb) != (cout,):
+        raise RuntimeError(f"{name}: Given {tw}weight of size {list(gw)}, expected bias to be "
+                           f"1-dimensional with {cout} elements, but got bias of size {list(gb)} "
+                           f"instead")
+    if transposed:
+        def per_dim(v):
+            return tuple(v) if isinstance(v, tuple) else (v,) * nd
+        big = [o >= s and o >= d for o, s, d in zip(per_dim(conf["output_padding"]),
+                                                     per_dim(conf["stride"]),
+                                                     per_dim(conf["dilation"]))]
+        if any(big):
+            raise RuntimeError(f"{name}: output padding must be smaller than either stride or "
+                               f"dilation, but got output_padding={conf['output_padding']}, "
+                               f"stride={conf['stride']}, dilation={conf['dilation']}")
 
 
 def _hashable(v):
     return tuple(v) if isinstance(v, list) else v
 
 
-def _conv_local(func, a, b, c, conf, cdim: int):
+def _conv_local(func, a, b, c, conf, cdim: int, transposed: bool):
     """func on local pieces; a rank holding no input or no output channel (uneven shards) gets
-    a zero channel added and removed: torch's convolutions refuse or misread an empty one."""
-    cout, cin = b.shape[0], b.shape[1]
+    a zero channel added and removed: torch's convolutions refuse or misread an empty one.
+    The weight is (out, in, *kernel), or (in, out, *kernel) when `transposed`."""
+    dout, din = (1, 0) if transposed else (0, 1)
+    cout, cin = b.shape[dout], b.shape[din]
     if cout == 0 or cin == 0:
         def one_more(t, dim):
             return torch.cat([t, t.new_zeros(t.shape[:dim] + (1,) + t.shape[dim + 1:])], dim)
         if cin == 0:
-            a, b = one_more(a, cdim), one_more(b, 1)
+            a, b = one_more(a, cdim), one_more(b, din)
         if cout == 0:
-            b = one_more(b, 0)
+            b = one_more(b, dout)
             c = None if c is None else one_more(c, 0)
-    out = func(a, b, None if c is None else c.reshape(-1), *conf)
+    out = func(a, b, None if c is None else c.reshape(-1), **dict(conf))
     return out.narrow(cdim, 0, 0) if cout == 0 else out
 
 
-@rule(F.conv1d, F.conv2d, F.conv3d)
+_TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+
+
+@rule(F.conv1d, F.conv2d, F.conv3d, *_TRANSPOSED)
 def conv(func, args, kwargs):
     """Convolution as a contraction over the input channels: the weight (out, in, *kernel)
     sharded on its out channels is column parallel (output sharded on the channel dim, Megatron's
     f on the input), sharded on its in channels with the input channel-sharded alike row
     parallel (output partial; reduced first when there is a bias); a batch-sharded input with a
-    replicated weight stays batch-sharded. Grouped convolutions: channel-sharded input and
-    out-channel-sharded weight stay local when each rank holds whole groups, a batch-sharded
-    input with a replicated weight too; otherwise the inputs are gathered (computed replicated)."""
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    replicated weight stays batch-sharded. A transposed convolution's weight is (in, out / groups,
+    *kernel): the same contraction with the weight's dims swapped (dim 1 column parallel, dim 0
+    row parallel). Grouped convolutions: channel-sharded input and a weight sharded on dim 0
+    (out channels; a transposed one's in channels) stay local when each rank holds whole groups,
+    a batch-sharded input with a replicated weight too; otherwise the inputs are gathered
+    (computed replicated)."""
+    transposed = func in _TRANSPOSED
+    names = _TRANSPOSE_NAMES if transposed else ("input", "weight", "bias", "stride", "padding",
+                                                 "dilation", "groups")
     v = dict(zip(names, args))
     v.update(kwargs)
     x, w, bias = v["input"], v["weight"], v.get("bias")
-    conf = tuple(_hashable(v.get(k, d)) for k, d in (("stride", 1), ("padding", 0),
-                                                     ("dilation", 1)))
+    conf = tuple((k, _hashable(v.get(k, d))) for k, d in (_TRANSPOSE_ARGS if transposed
+                                                          else _CONV_ARGS))
     groups = v.get("groups", 1)
     gx, gw = _gshape(x), _gshape(w)
-    oshape = _conv_shape(func, gx, gw, *conf, groups)
+    oshape = _conv_shape(func, gx, gw, None if bias is None else tuple(_gshape(bias)), conf,
+                         groups, transposed)
     nd = len(gw) - 2
     batched = len(gx) == nd + 2
     if groups == 1:
         if bias is not None:   # laid out (out, 1, ...): broadcast against the channel dim
-            bshape = torch.Size((gw[0],) + (1,) * nd)
+            bshape = torch.Size((oshape[-nd - 1],) + (1,) * nd)
             bias = (wrap(bias._local.reshape((-1,) + (1,) * nd), bias._spec, bias._pg, bshape)
                     if type(bias) is ST else bias.reshape(bshape))
         lx = ("n", "k") if batched else ("k",)
         pad = (None,) * nd
-        return _contract(func, x, w, lx + pad, ("o", "k") + pad, lx[:-1] + ("o",) + pad, oshape,
-                         lambda a, b, c: _conv_local(func, a, b, c, conf, len(lx) - 1),
+        lw = ("k", "o") if transposed else ("o", "k")
+        return _contract(func, x, w, lx + pad, lw + pad, lx[:-1] + ("o",) + pad, oshape,
+                         lambda a, b, c: _conv_local(func, a, b, c, conf, len(lx) - 1,
+                                                     transposed),
                          bias, lambda out, c: out + c)
     pg = group_of(func, x, w, bias)
     c = 1 if batched else 0
@@ -577,12 +630,12 @@ def conv(func, args, kwargs):
     if (xs.is_shard and xs.dim == c and xs.stride == 1 and ws == shard_spec(0, d)
             and groups % d == 0 and spec_of(bias) in (ws, REPLICA)):   # whole groups per rank
         bl = None if bias is None else to_layout(bias, ws, pg, func)
-        out = func(x._local, w._local, bl, *conf, groups // d)
+        out = func(x._local, w._local, bl, groups=groups // d, **dict(conf))
         return wrap(out, shard_spec(c, d), pg, oshape)
     if batched and xs.is_shard and xs.dim == 0 and ws.is_replicate and spec_of(bias).is_replicate:
         wl, bl = unwrap(w), unwrap(bias)   # split over the batch: the weight's gradient summed
         wl = copy_to_region(wl, pg, func) if wl.requires_grad else wl
         bl = copy_to_region(bl, pg, func) if bl is not None and bl.requires_grad else bl
-        return wrap(func(x._local, wl, bl, *conf, groups), xs, pg, oshape)
+        return wrap(func(x._local, wl, bl, groups=groups, **dict(conf)), xs, pg, oshape)
     local = [None if t is None else to_layout(t, REPLICA, pg, func) for t in (x, w, bias)]
-    return wrap(func(*local, *conf, groups), REPLICA, pg, oshape)
+    return wrap(func(*local, groups=groups, **dict(conf)), REPLICA, pg, oshape)
