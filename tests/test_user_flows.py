@@ -7,6 +7,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 from torch import nn
 
 import shardtensor as st
@@ -193,3 +195,82 @@ def test_load_pretrained_refuses_missing_parameters_nothing_initialises(tmp_path
           if k != "1.bias"}
     safetensors.torch.save_file(sd, str(tmp_path / "model.safetensors"))
     assert run(2, _plain_missing, str(tmp_path)) == [True, True]   # nothing changed
+
+
+# --- indices into a sharded dim: out of range raises as serial --------------------------------
+
+def _pick(op, x, d, idx):
+    """op applied to x along dim d with the index values idx (a list), as model code would."""
+    k = len(idx)
+    shape = list(x.shape)
+    shape[d] = k
+    i1 = torch.tensor(idx)
+    full = i1.view([k if j == d else 1 for j in range(x.dim())]).expand(shape).contiguous()
+    if op == "gather":
+        return torch.gather(x, d, full)
+    if op == "take_along_dim":
+        return torch.take_along_dim(x, full, d)
+    if op == "index_select":
+        return x.index_select(d, i1)
+    if op == "embedding":
+        return torch.nn.functional.embedding(i1, x)
+    if op == "getitem":
+        return x[(slice(None),) * d + (i1,)]
+    y = x.clone()
+    if op == "scatter_":
+        return y.scatter_(d, full, 2.5)
+    if op == "scatter_add_":
+        return y.scatter_add_(d, full, torch.ones(shape, dtype=x.dtype))
+    if op == "index_add_":
+        return y.index_add_(d, i1, torch.ones(shape, dtype=x.dtype))
+    if op == "index_fill_":
+        return y.index_fill_(d, i1, -1.5)
+    raise ValueError(op)
+
+
+INDEX_OPS = ("gather", "take_along_dim", "index_select", "embedding", "getitem", "scatter_",
+             "scatter_add_", "index_add_", "index_fill_")
+
+
+def _outcome(f):
+    try:
+        out = f()
+    except (IndexError, RuntimeError) as e:
+        return type(e), str(e)
+    if isinstance(out, st.ShardedTensor):
+        out = out.full()
+    return None, out.detach()
+
+
+def _indices_vs_serial(rank, cases):
+    results = []
+    for shape, d, stride, op, idx in cases:
+        pg = st.ProcessGroup()
+        x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        want = _outcome(lambda: _pick(op, x, d, idx))
+        xs = st.ShardedTensor.from_global(x, pg, st.ShardSpec(d, pg.tp_world_size(), stride))
+        got = _outcome(lambda: _pick(op, xs, d, idx))
+        if want[0] is None:
+            ok = got[0] is None and torch.allclose(got[1], want[1], rtol=0, atol=1e-12)
+        else:   # the same exception class as serial, naming the size
+            ok = got[0] is not None and issubclass(got[0], want[0]) and f"size {shape[d]}" in got[1]
+        results.append(ok or (shape, d, stride, op, idx, want[0], got))
+    return results
+
+
+@settings(max_examples=30)
+@given(data=hs.data())
+def test_out_of_range_indices_on_the_sharded_dim_raise_as_serial(data):
+    world = data.draw(hs.sampled_from((2, 4)))
+    cases = []
+    for _ in range(6):
+        op = data.draw(hs.sampled_from(INDEX_OPS))
+        ndim = 2 if op == "embedding" else data.draw(hs.integers(1, 3))
+        shape = data.draw(hs.lists(hs.integers(1, 7), min_size=ndim, max_size=ndim))
+        d = 0 if op == "embedding" else data.draw(hs.integers(0, ndim - 1))
+        stride = data.draw(hs.sampled_from([s for s in (1, 2, 3) if shape[d] % s == 0]))
+        n = shape[d]
+        idx = data.draw(hs.lists(hs.integers(-n - 2, n + 2), min_size=1, max_size=4))
+        cases.append((tuple(shape), d, stride, op, idx))
+    for results in run(world, _indices_vs_serial, cases):
+        assert all(r is True for r in results), [r for r in results if r is not True]

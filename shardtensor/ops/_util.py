@@ -103,6 +103,32 @@ def local_index(ids: torch.Tensor, n: int, spec: ShardSpec, rank: int):
     return lid, mask
 
 
+class IndexOutOfRange(IndexError, RuntimeError):
+    """An index outside its dim. Serial torch raises IndexError or RuntimeError for it
+    depending on the op, dims and kernel (index_add_ of a 1-D tensor: IndexError, of a 2-D
+    one: RuntimeError), so this is both: whatever serial code catches, it catches this."""
+
+
+def check_index(ids: torch.Tensor, n: int, func, dim: int, negative: bool = False) -> None:
+    """Raise IndexOutOfRange naming the op, as serial torch raises, when an index in `ids` lies
+    outside [0, n) ([-n, n) where `negative`): a rule that masks the ids each rank does not
+    hold would otherwise give zeros for an id no rank holds. Read on the host on the CPU only;
+    on an accelerator a device-side assert (no host sync), as serial's kernel asserts."""
+    if not ids.numel() or ids.is_meta:
+        return
+    lo = -n if negative else 0
+    if ids.device.type != "cpu":
+        torch._assert_async(((ids >= lo) & (ids < n)).all(),
+                            f"{_trace.func_name(func)}: an index is out of bounds for dimension "
+                            f"{dim} with size {n}")
+        return
+    low, high = torch.aminmax(ids)
+    if low < lo or high >= n:
+        bad = int(high) if high >= n else int(low)
+        raise IndexOutOfRange(f"{_trace.func_name(func)}: index {bad} is out of bounds for "
+                              f"dimension {dim} with size {n}")
+
+
 def allreduce_for_shards(x, pg, func=None):
     """Sum per-rank statistics (`x`) over the group for use *inside* a sharded computation (a
     softmax denominator, a layer-norm mean): forward all-reduce, and, since every rank's shard

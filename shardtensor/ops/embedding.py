@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from ..collectives import copy_to_region
 from ..dispatch import UnsupportedOpError
 from ..spec import describe, shard_ranges
-from ._util import (PARTIAL, REPLICA, ShardSpec, ST, group_of, local_index, materialize,
-                    remember, rule, shard_spec, spec_of, to_layout, wrap)
+from ._util import (PARTIAL, REPLICA, ShardSpec, ST, check_index, group_of, local_index,
+                    materialize, remember, rule, shard_spec, spec_of, to_layout, wrap)
 
 _NAMES = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
           "sparse")
@@ -109,7 +109,9 @@ def embedding(func, args, kwargs):
 
 
 def _vocab_parallel(ids, wl, V, spec: ShardSpec, rank, pad, max_norm, norm_type, sgf, sparse):
-    """This rank's summand of a lookup into a vocab-sharded table: its rows, zeros elsewhere."""
+    """This rank's summand of a lookup into a vocab-sharded table: its rows, zeros elsewhere
+    (an id outside the table raises, as serial: no rank holding it would give zeros)."""
+    check_index(ids, V, F.embedding, 0)
     ranges = shard_ranges(V, spec.degree, spec.stride, rank)
     if len(ranges) == 1 and max_norm is None and not sgf and wl.shape[0] and not sparse:
         # the common case (one block per rank): 8 ops, as in Megatron's VocabParallelEmbedding

@@ -32,8 +32,8 @@ import torch
 from ..collectives import all_reduce_, gather_from_region
 from ..dispatch import UnsupportedOpError
 from .. import trace as _trace
-from ._util import (PARTIAL, REPLICA, ST, shard_spec, group_of, materialize, rule, to_layout,
-                    unwrap, wrap)
+from ._util import (PARTIAL, REPLICA, ST, check_index, shard_spec, group_of, materialize, rule,
+                    to_layout, unwrap, wrap)
 
 T = torch.Tensor
 
@@ -229,16 +229,18 @@ def _bind_index(func, args, kwargs):
 _GATHER = (torch.gather, T.gather, torch.take_along_dim, T.take_along_dim)
 
 
-def _negative_take() -> bool:
-    """Whether this torch's take_along_dim counts negative indices from the end (newer torch
-    does; 2.4 raises, as gather and index_select do)."""
+def _take(index) -> bool:
+    """Whether this torch's take_along_dim along a dim (not flattened) takes `index` into
+    arange(2) as entry 1: torch 2.4 refuses out-of-range and negative indices, as gather does;
+    newer torch takes every index modulo the size (its reference: `indices % dim_size`)."""
     try:
-        return torch.take_along_dim(torch.arange(2.0), torch.tensor([-1])).item() == 1.0
+        return torch.take_along_dim(torch.arange(2.0), torch.tensor([index]), 0).item() == 1.0
     except (RuntimeError, IndexError):
         return False
 
 
-_NEGATIVE_TAKE = _negative_take()
+_NEGATIVE_TAKE = _take(-1)     # -n..-1 count from the end
+_MODULO_TAKE = _take(3)        # every index modulo the size
 
 
 @rule(*_GATHER, torch.index_select, T.index_select)
@@ -288,8 +290,12 @@ def gather(func, args, kwargs):
     # along the sharded dim: pick what this rank holds, zeros elsewhere -> partial
     if type(il) is ST:
         il = to_layout(il, REPLICA, pg, func)
-    if base is torch.take_along_dim and _NEGATIVE_TAKE:   # -n..-1 count from the end
+    if base is torch.take_along_dim and _MODULO_TAKE:
+        il = il.remainder(g[d])
+    elif base is torch.take_along_dim and _NEGATIVE_TAKE:   # -n..-1 count from the end
         il = torch.where(il < 0, il + g[d], il)
+    # an index no rank holds raises as serial (each rank masks the ones it does not hold)
+    check_index(il, g[d], func, d)
     from ._util import local_index
     lid, mask = local_index(il, g[d], spec, x._pg.tp_local_rank())
     lid = torch.where(mask, lid, torch.zeros_like(lid))

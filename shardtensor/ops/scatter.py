@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from .. import trace as _trace
 from ..collectives import copy_to_region
 from ..dispatch import UnsupportedOpError
-from ._util import REPLICA, ST, group_of, local_index, materialize, rule, to_layout, wrap
+from ._util import (REPLICA, ST, check_index, group_of, local_index, materialize, rule, to_layout,
+                    wrap)
 
 T = torch.Tensor
 
@@ -81,6 +82,13 @@ def scatter_inplace(func, args, kwargs):
         return x
     # along the sharded dim: this rank's entries; the others go to a scratch slot
     n = loc.shape[d]
+    # an index no rank holds raises as serial, before anything is written (each rank drops the
+    # ones it does not hold); index_fill_ alone counts -n..-1 from the end
+    if op is T.index_fill_:
+        check_index(il, g[d], func, d, negative=True)
+        il = torch.where(il < 0, il + g[d], il)
+    else:
+        check_index(il, g[d], func, d)
     lid, mask = local_index(il, g[d], spec, pg.tp_local_rank())
     lid = torch.where(mask, lid, torch.full_like(lid, n))
     if tensor_src:   # every rank reads the whole source: its gradient is summed (Megatron's f)
