@@ -81,7 +81,19 @@ def _all_gather(x: torch.Tensor, spec: ShardSpec, n: int, pg, op, phase) -> torc
     else:
         pieces = [out.narrow(0, r * m, sizes[r]) for r in range(d)]
         full = assemble(pieces, shard_spec(0, d, spec.stride))
-    return full.movedim(0, dim) if dim else full
+    return _in_layout_of(full.movedim(0, dim) if dim else full, x)
+
+
+def _in_layout_of(full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gathered `full` laid out in memory like its shard `x` (contiguous for a contiguous
+    shard), as the serial tensor is: what a stride-dependent op computes follows the memory order
+    (torch.multinomial draws its exponentials in it: top-p sampling after the sort of a gathered
+    vocab-sharded row drew other tokens than serial's)."""
+    if x.is_contiguous():
+        return full.contiguous()
+    perm = sorted(range(x.dim()), key=lambda k: -x.stride(k))
+    out = full.new_empty([full.shape[k] for k in perm])
+    return out.permute([perm.index(k) for k in range(x.dim())]).copy_(full)
 
 
 def _reduce_scatter(x: torch.Tensor, spec: ShardSpec, pg, op, phase) -> torch.Tensor:

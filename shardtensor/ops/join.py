@@ -407,12 +407,34 @@ def _pick_partial(x, idx, p):
     return wrap(out, PARTIAL, x._pg, out.shape)
 
 
+def _local_mask_write(x, mask, v) -> bool:
+    """`x[mask] = v` with a bool mask laid out like x and one value for every picked entry
+    (nanoGPT's top-k: `logits[logits < v[:, [-1]]] = -inf` on vocab-sharded logits): each rank
+    writes its own entries, nothing moves. False where this does not apply."""
+    if not (type(x) is ST and mask.dtype == torch.bool and mask._spec == x._spec
+            and mask._gshape == x._gshape and x._spec.is_shard and mask._pg == x._pg):
+        return False
+    if isinstance(v, torch.Tensor):
+        if v.dim() or (type(v) is ST and v._spec.is_partial):
+            return False
+        v = v._local if type(v) is ST else v
+    x._local[mask._local] = v
+    return True
+
+
 @rule(T.__setitem__)
 def setitem(func, args, kwargs):
+    if type(args[1]) is ST and _local_mask_write(args[0], args[1], args[2]):
+        return None
     x, idx, v = args[0], _plain_index(args[1], func), args[2]
     if type(x) is not ST:
-        what = (f"a ShardedTensor with {v._spec!r} and shape {tuple(v._gshape)}"
-                if type(v) is ST else "a value at a ShardedTensor index")
+        if type(v) is not ST or not v._spec.is_shard:
+            # a plain tensor is a replicated value: a replicated (or reduced partial) value or
+            # index is known whole on every rank, which all write alike (llama's decode loop:
+            # `tokens[:, cur_pos] = next_token`, the argmax of vocab-sharded logits)
+            x[idx] = to_layout(v, REPLICA, v._pg, func) if type(v) is ST else v
+            return None
+        what = f"a ShardedTensor with {v._spec!r} and shape {tuple(v._gshape)}"
         raise UnsupportedOpError(
             f"Tensor.__setitem__: writing {what} into a plain tensor of shape "
             f"{tuple(x.shape)} is not supported (a plain tensor is a replicated value: it would "
@@ -537,8 +559,14 @@ def cat(func, args, kwargs):
     if "out" in kwargs:
         raise UnsupportedOpError("torch.cat(out=...) with sharded inputs is not supported")
     pg = group_of(func, *tensors)
-    # legacy: 1-D empty tensors are skipped by torch.cat
-    tensors = [t for t in tensors if _gshape(t) != (0,)] or tensors[:1]
+    # legacy: 1-D empty tensors are skipped by torch.cat; their local (empty) tensors still go
+    # into the local cat, which skips them the same way, so they keep their place in the graph
+    # (a gradient, empty, as serial) and in type promotion
+    empty = [t for t in tensors if _gshape(t) == (0,)]
+    tensors = [t for t in tensors if _gshape(t) != (0,)]
+    if not tensors:
+        tensors, empty = empty[:1], empty[1:]
+    empty = [t._local if type(t) is ST else t for t in empty]
     shapes = [_gshape(t) for t in tensors]
     nd = len(shapes[0])
     dim %= nd
@@ -547,7 +575,7 @@ def cat(func, args, kwargs):
     spec = _common(func, tensors)
     if not (spec.is_shard and spec.dim == dim):
         locals_ = [to_layout(t, spec, pg, func) for t in tensors]
-        return wrap(torch.cat(locals_, dim), spec, pg, out_shape)
+        return wrap(torch.cat(locals_ + empty, dim), spec, pg, out_shape)
     # along the sharded dim: equal blocks concatenate into a strided shard (q|k|v), locally
     block = next(s[dim] // t._spec.stride for t, s in zip(tensors, shapes)
                  if type(t) is ST and t._spec.is_shard and t._spec.dim == dim)
@@ -555,9 +583,9 @@ def cat(func, args, kwargs):
         out = shard_spec(dim, spec.degree, sum(s[dim] // block for s in shapes))
         locals_ = [to_layout(t, shard_spec(dim, spec.degree, s[dim] // block), pg, func)
                    for t, s in zip(tensors, shapes)]
-        return wrap(torch.cat(locals_, dim), out, pg, out_shape)
+        return wrap(torch.cat(locals_ + empty, dim), out, pg, out_shape)
     out = shard_spec(dim, spec.degree)
-    full = torch.cat([to_layout(t, REPLICA, pg, func) for t in tensors], dim)
+    full = torch.cat([to_layout(t, REPLICA, pg, func) for t in tensors] + empty, dim)
     return wrap(to_layout(full, out, pg, func), out, pg, out_shape)
 
 

@@ -523,3 +523,25 @@ def flip(func, args, kwargs):
         return wrap(to_layout(full, x._spec, x._pg, func), x._spec, x._pg, x._gshape)
     return wrap(x._local.flip(dims), x._spec, x._pg, x._gshape)
 
+
+# --- complex views ------------------------------------------------------------------------------
+
+@rule(torch.view_as_complex)
+def view_as_complex(func, args, kwargs):
+    """(..., 2) real -> (...) complex (Meta's llama rotary embedding on head shards): every
+    shard is a view of its own pairs, unless the pair dim itself is split."""
+    x = args[0] if args else kwargs["input"]
+    g, spec = tuple(x._gshape), x._spec
+    if spec.is_shard and spec.dim == len(g) - 1:
+        if spec.degree > 1:
+            raise UnsupportedOpError(f"torch.view_as_complex: the input {spec!r} of shape {g} "
+                                     f"splits the (real, imag) dim; shard another dim first")
+        spec = REPLICA   # a shard of degree 1 is the whole tensor
+    return wrap(torch.view_as_complex(x._local), spec, x._pg, g[:-1])
+
+
+@rule(torch.view_as_real)
+def view_as_real(func, args, kwargs):
+    """(...) complex -> (..., 2) real, each shard's own view."""
+    x = args[0] if args else kwargs["input"]
+    return wrap(torch.view_as_real(x._local), x._spec, x._pg, tuple(x._gshape) + (2,))

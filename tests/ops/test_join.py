@@ -304,3 +304,92 @@ def test_writes_into_indexed_results_reach_the_tensor(world, data):
     for res in run(world, _write_through, shape, spec, idx, write, data.draw(hs.integers(0, 99))):
         for val_err, grad_err in res:
             assert val_err < 1e-12 and grad_err < 1e-12, (res, idx, spec)
+
+
+# --- writes a decode loop makes: into plain tensors, through masks laid out like the target -------
+
+def _plain_targets(rank, world):
+    """A plain tensor is a replicated value: a replicated or partial ShardedTensor written into
+    it (or a value written at a replicated ShardedTensor index) is serial's write on every rank,
+    gradient included; a sharded value is still refused, the target unchanged."""
+    pg = st.ProcessGroup()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 11, dtype=torch.float64, generator=g)
+    x = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 2, 4, dtype=torch.float64, generator=g)
+    sl = st.ShardedTensor.from_global(logits, pg, st.ShardSpec(2, world))
+    rep = st.ShardedTensor.from_global(x, pg, st.ReplicaSpec()) * 2
+    part = st.ShardedTensor.from_global(x.detach() * 3, pg, st.PartialSpec())
+    at = st.ShardedTensor.from_global(torch.tensor([1, 3]), pg, st.ReplicaSpec())
+    tokens, ref_tokens = torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)
+    buf, ref = torch.zeros(3, 2, 4, dtype=torch.float64), torch.zeros(3, 2, 4, dtype=torch.float64)
+    with st.CommTrace() as trace:
+        tokens[:, 2] = torch.argmax(sl[:, -1], dim=-1)       # llama: tokens[:, cur_pos] = next_token
+        buf[0] = rep
+        buf[1, :, 1:] = part[:, 1:]
+        buf[2, :, at] = 7.0
+    ref_tokens[:, 2] = logits[:, -1].argmax(-1)
+    ref[0] = x * 2
+    ref[1, :, 1:] = x.detach()[:, 1:] * 3
+    ref[2, :, [1, 3]] = 7.0
+    assert type(buf) is torch.Tensor and type(tokens) is torch.Tensor
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(buf.detach(), ref.detach(), rtol=0, atol=0)
+    (buf * w).sum().backward()
+    torch.testing.assert_close(x.grad, w[0] * 2, rtol=0, atol=0)
+    kinds = [e.kind for e in trace.events]   # argmax's pair and the partial's reduction only
+    if world > 1:   # (at tp 1 a shard is the whole tensor: serial's write)
+        before = buf.detach().clone()
+        with pytest.raises(st.UnsupportedOpError, match=r"__setitem__.*ShardSpec.*\.full\(\)"):
+            buf[0, :, :3] = sl[:, 0, :3]
+        assert torch.equal(buf.detach(), before)
+    return kinds
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_replicated_values_write_into_plain_tensors(world):
+    # writing a replicated ShardedTensor (llama's `tokens[:, cur_pos] = next_token`, the argmax
+    # of vocab-sharded logits) into a plain tensor raised UnsupportedOpError like a shard did
+    kinds = run(world, _plain_targets, world)[0]
+    assert kinds == ([] if world == 1 else ["all_reduce"] * 3), kinds
+
+
+def _mask_writes(rank, world, spec, value):
+    """x[mask] = value with a bool mask laid out like x (nanoGPT's top-k:
+    `logits[logits < v[:, [-1]]] = -inf` on vocab-sharded logits): serial's values and
+    gradient, and no collective for the write."""
+    pg = st.ProcessGroup()
+    g = torch.Generator().manual_seed(1)
+    full = torch.randn(2, 3, 13, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(2, 3, 13, dtype=torch.float64, generator=g)
+    ref = full * 1.0
+    leaf = full.detach().clone().requires_grad_()
+    y = st.ShardedTensor.from_global(leaf, pg, spec) * 1.0
+    kth = torch.topk(full.detach(), 4).values[..., [-1]]
+    mask = y < (st.ShardedTensor.from_global(kth, pg, st.ReplicaSpec()) if value == "st" else kth)
+    v = {"inf": -float("inf"), "num": 2.5, "st": st.ShardedTensor.from_global(
+        torch.tensor(-1.0, dtype=torch.float64), pg, st.ReplicaSpec()),
+         "tensor": torch.tensor(0.5, dtype=torch.float64)}[value]
+    with st.CommTrace() as trace:
+        y[mask] = v
+    ref[ref < kth] = v.to_local() if value == "st" else v
+    torch.testing.assert_close(y.full(), ref.detach(), rtol=0, atol=0)
+    y = y.masked_fill(y == -float("inf"), 0.0)
+    ref = ref.masked_fill(ref == -float("inf"), 0.0)
+    (y.full() * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(leaf.grad, full.grad, rtol=0, atol=0)
+    return y.spec, len(trace.events)
+
+
+def _mask_write_cases(rank, world):
+    return [(dim, stride, value, _mask_writes(rank, world, st.ShardSpec(dim, world, stride), value))
+            for dim, stride in ((2, 1), (1, 1), (2, 13)) for value in ("inf", "num", "st", "tensor")]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_mask_writes_with_the_targets_layout_are_local(world):
+    # the mask was gathered (an all-gather of batch x vocab bools per decode step) and the
+    # write done through its nonzero indices
+    for dim, stride, value, (spec, nev) in run(world, _mask_write_cases, world)[0]:
+        assert nev == 0, (dim, stride, value, nev)

@@ -427,3 +427,50 @@ def test_writes_into_views_reach_the_tensor(world, data):
     for val_err, grad_err, plain_err in run(world, _view_write_through, shape, spec, oshape,
                                             write, data.draw(hs.integers(0, 99))):
         assert val_err < 1e-12 and grad_err < 1e-12 and plain_err == 0.0, (oshape, spec)
+
+
+# --- complex views: Meta's llama rotary embedding on head shards ---------------------------------
+
+def _complex_views(rank, shape, spec, seed):
+    """view_as_real(view_as_complex(x) * rot) on a sharded float64 x (shape (..., 2)) against
+    serial: values and x's gradient; (layouts of the complex and real views, collectives)."""
+    pg = st.ProcessGroup()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+    ref_in = x.detach().clone().requires_grad_()
+    ang = torch.randn(shape[-2], dtype=torch.float64, generator=g)
+    rot = torch.polar(torch.ones_like(ang), ang)
+    w = torch.randn(shape, dtype=torch.float64, generator=g)
+    t = st.ShardedTensor.from_global(x, pg, spec)
+    with st.CommTrace() as trace:
+        try:
+            c = torch.view_as_complex(t)
+        except st.UnsupportedOpError as e:
+            return "refused", str(e)
+        out = torch.view_as_real(c * rot)
+    kinds = [e.kind for e in trace.events]
+    (out.full() * w).sum().backward()
+    ref = torch.view_as_real(torch.view_as_complex(ref_in) * rot)
+    (ref * w).sum().backward()
+    assert c.shape == shape[:-1] and c.dtype == torch.complex128 and out.shape == shape
+    torch.testing.assert_close(c.full(), torch.view_as_complex(ref_in.detach()), rtol=0, atol=0)
+    torch.testing.assert_close(out.full(), ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, ref_in.grad, rtol=1e-12, atol=1e-12)
+    return c.spec, out.spec, kinds
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@given(data=hs.data())
+def test_complex_views_keep_the_layout_locally(world, data):
+    # torch.view_as_complex / view_as_real had no rule: UnsupportedOpError for any sharded
+    # input, so Meta's llama apply_rotary_emb could not run on head shards
+    shape = data.draw(shapes(max_dims=3, max_side=5)) + (2,)
+    spec = data.draw(specs(shape, world))
+    got = run(world, _complex_views, shape, spec, data.draw(hs.integers(0, 2**16)))[0]
+    nspec = spec.normalize(shape)
+    if nspec.is_shard and nspec.dim == len(shape) - 1 and world > 1:   # (real, imag) split
+        assert got[0] == "refused" and "view_as_complex" in got[1] and "imag" in got[1], got
+        return
+    cspec, ospec, kinds = got
+    assert kinds == [], kinds
+    assert cspec == ospec == nspec or (world == 1 and cspec == ospec), (cspec, ospec, nspec)
