@@ -274,3 +274,55 @@ def test_out_of_range_indices_on_the_sharded_dim_raise_as_serial(data):
         cases.append((tuple(shape), d, stride, op, idx))
     for results in run(world, _indices_vs_serial, cases):
         assert all(r is True for r in results), [r for r in results if r is not True]
+
+
+# --- torch.cat with legacy empty 1-D inputs --------------------------------------------------
+
+def _empty(kind, pg):
+    if kind == "plain":
+        return torch.empty(0, dtype=torch.float64, requires_grad=True)
+    if kind == "float32":   # takes part in type promotion, as serial
+        return torch.empty(0, dtype=torch.float32, requires_grad=True)
+    spec = st.ShardSpec(0, pg.tp_world_size()) if kind == "sharded" else st.ReplicaSpec()
+    return st.ShardedTensor.from_global(torch.empty(0, dtype=torch.float64), pg, spec) \
+        .requires_grad_()
+
+
+def _cats_vs_serial(rank, cases):
+    pg = st.ProcessGroup()
+    n = pg.tp_world_size()
+    wrong = []
+    for shape, sdim, kinds, where, dim in cases:
+        x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        runs = []
+        for sharded in (False, True):
+            a = x.clone().requires_grad_() if not sharded else \
+                st.ShardedTensor.from_global(x, pg, st.ShardSpec(sdim, n)).requires_grad_()
+            es = [_empty(k, pg) if sharded else torch.empty(0, dtype=torch.float32 if k ==
+                                                            "float32" else torch.float64,
+                                                            requires_grad=True) for k in kinds]
+            ts = es[:where] + [a] + es[where:]
+            y = torch.cat(ts, dim)
+            w = torch.arange(y.numel(), dtype=y.dtype).view(y.shape)
+            (y * w).sum().backward()
+            full = lambda t: t.full() if isinstance(t, st.ShardedTensor) else t
+            runs.append((full(y).detach(), y.dtype, full(a.grad),
+                         [None if e.grad is None else tuple(e.grad.shape) for e in es]))
+        (y0, d0, g0, e0), (y1, d1, g1, e1) = runs
+        if not (d0 == d1 and torch.equal(y0, y1) and torch.equal(g0, g1) and e0 == e1):
+            wrong.append((shape, sdim, kinds, where, dim, e0, e1, d0, d1))
+    return wrong
+
+
+CAT_CASES = [((6,), 0, kinds, where, 0)
+             for kinds in (["plain"], ["sharded"], ["replicated"], ["plain", "sharded"])
+             for where in range(len(kinds) + 1)] + \
+            [((4, 6), sdim, kinds, where, dim)
+             for sdim in (0, 1) for dim in (0, 1, -1)
+             for kinds, where in ((["plain"], 0), (["sharded", "replicated"], 1),
+                                  (["float32"], 1))]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_cat_with_legacy_empty_inputs_keeps_them_in_the_graph(world):
+    assert run(world, _cats_vs_serial, CAT_CASES) == [[]] * world
