@@ -435,10 +435,14 @@ def setitem(func, args, kwargs):
             x[idx] = to_layout(v, REPLICA, v._pg, func) if type(v) is ST else v
             return None
         what = f"a ShardedTensor with {v._spec!r} and shape {tuple(v._gshape)}"
+        like = (f"ShardSpec({v._spec.dim + x.dim() - len(v._gshape)}, {v._spec.degree})"
+                if x.dim() >= len(v._gshape) else "<its spec>")
         raise UnsupportedOpError(
             f"Tensor.__setitem__: writing {what} into a plain tensor of shape "
             f"{tuple(x.shape)} is not supported (a plain tensor is a replicated value: it would "
-            f"take the full value on every rank); write its .full() instead. HuggingFace's "
+            f"take the full value on every rank); write its .full() instead, or, for a buffer "
+            f"meant to hold shards (a KV cache), lay it out like the value once: buf = "
+            f"st.ShardedTensor.from_global(buf, pg, {like}). HuggingFace's "
             f"resize_token_embeddings does this after parallelize: resize before "
             f"shardtensor.parallelize")
     pg = group_of(func, x, v)
