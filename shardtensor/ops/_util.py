@@ -112,21 +112,19 @@ class IndexOutOfRange(IndexError, RuntimeError):
 def check_index(ids: torch.Tensor, n: int, func, dim: int, negative: bool = False) -> None:
     """Raise IndexOutOfRange naming the op, as serial torch raises, when an index in `ids` lies
     outside [0, n) ([-n, n) where `negative`): a rule that masks the ids each rank does not
-    hold would otherwise give zeros for an id no rank holds. Read on the host on the CPU only;
-    on an accelerator a device-side assert (no host sync), as serial's kernel asserts."""
+    hold would otherwise give zeros for an id no rank holds. Checked without reading a value
+    on the host (a device sync that would break CUDA-graph capture), as loss.py's targets: on
+    an accelerator a device-side assert, as serial's kernel asserts; on the CPU it raises here."""
     if not ids.numel() or ids.is_meta:
         return
     lo = -n if negative else 0
-    if ids.device.type != "cpu":
-        torch._assert_async(((ids >= lo) & (ids < n)).all(),
-                            f"{_trace.func_name(func)}: an index is out of bounds for dimension "
-                            f"{dim} with size {n}")
-        return
-    low, high = torch.aminmax(ids)
-    if low < lo or high >= n:
-        bad = int(high) if high >= n else int(low)
-        raise IndexOutOfRange(f"{_trace.func_name(func)}: index {bad} is out of bounds for "
-                              f"dimension {dim} with size {n}")
+    what = f"{_trace.func_name(func)}: an index is out of bounds for dimension {dim} with size {n}"
+    try:
+        torch._assert_async(((ids >= lo) & (ids < n)).all(), what)
+    except RuntimeError:
+        bad = ids[(ids < lo) | (ids >= n)][0]
+        raise IndexOutOfRange(f"{_trace.func_name(func)}: index {int(bad)} is out of bounds for "
+                              f"dimension {dim} with size {n}") from None
 
 
 def allreduce_for_shards(x, pg, func=None):
