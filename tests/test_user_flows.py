@@ -217,6 +217,9 @@ def _pick(op, x, d, idx):
     if op == "getitem":
         return x[(slice(None),) * d + (i1,)]
     y = x.clone()
+    if op == "setitem":
+        y[(slice(None),) * d + (i1,)] = 2.5
+        return y
     if op == "scatter_":
         return y.scatter_(d, full, 2.5)
     if op == "scatter_add_":
@@ -228,8 +231,9 @@ def _pick(op, x, d, idx):
     raise ValueError(op)
 
 
-INDEX_OPS = ("gather", "take_along_dim", "index_select", "embedding", "getitem", "scatter_",
-             "scatter_add_", "index_add_", "index_fill_")
+INDEX_OPS = ("gather", "take_along_dim", "index_select", "embedding", "getitem", "setitem",
+             "scatter_", "scatter_add_", "index_add_", "index_fill_")
+_NAMED = {"getitem": "__getitem__", "setitem": "__setitem__"}   # as the error names the op
 
 
 def _outcome(f):
@@ -252,8 +256,9 @@ def _indices_vs_serial(rank, cases):
         got = _outcome(lambda: _pick(op, xs, d, idx))
         if want[0] is None:
             ok = got[0] is None and torch.allclose(got[1], want[1], rtol=0, atol=1e-12)
-        else:   # the same exception class as serial, naming the size
-            ok = got[0] is not None and issubclass(got[0], want[0]) and f"size {shape[d]}" in got[1]
+        else:   # the same exception class as serial, naming the op and the size
+            ok = (got[0] is not None and issubclass(got[0], want[0])
+                  and f"size {shape[d]}" in got[1] and _NAMED.get(op, op) in got[1])
         results.append(ok or (shape, d, stride, op, idx, want[0], got))
     return results
 

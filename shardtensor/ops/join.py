@@ -16,8 +16,8 @@ from ..collectives import copy_to_region
 from ..dispatch import UnsupportedOpError
 from ..spec import shard_ranges
 from ..tensor import copy_view
-from ._util import (PARTIAL, REPLICA, ST, ShardSpec, group_of, local_index, rule, shard_spec,
-                    spec_of, to_layout, wrap)
+from ._util import (PARTIAL, REPLICA, ST, ShardSpec, check_index, group_of, local_index, rule,
+                    shard_spec, spec_of, to_layout, wrap)
 
 T = torch.Tensor
 
@@ -382,14 +382,14 @@ def _copy_of_view(out, x, idx):
     return copy_view(out, x, idx)
 
 
-def _with_scratch(x, it):
+def _with_scratch(x, it, func):
     """(x's shard with one scratch slot appended along the sharded dim, the index tensor `it`
-    on the sharded dim as local positions: the entries this rank does not hold go to the slot)."""
+    on the sharded dim as local positions: the entries this rank does not hold go to the slot).
+    An index outside the dim raises as serial (no host read: check_index)."""
     g, d = x._gshape, x._spec.dim
     it = torch.as_tensor(it)
+    check_index(it, g[d], func, d, negative=True)
     it = torch.where(it < 0, it + g[d], it)
-    if it.numel() and bool(((it < 0) | (it >= g[d])).any()):
-        raise IndexError(f"index out of range for dim {d} of size {g[d]}")
     lid, mask = local_index(it, g[d], x._spec, x._pg.tp_local_rank())
     loc = x._local
     lid = torch.where(mask, lid, torch.full_like(lid, loc.shape[d]))
@@ -402,7 +402,7 @@ def _pick_partial(x, idx, p):
     """x[idx] whose item `p` is an index tensor on the sharded dim (speculative sampling's
     `q[:, arange(n), candidate_ids]` on vocab-sharded probabilities): each rank picks the entries
     it holds and zeros for the others, a PartialSpec result; x is never gathered."""
-    work, lid = _with_scratch(x, idx[p])
+    work, lid = _with_scratch(x, idx[p], T.__getitem__)
     out = work[idx[:p] + (lid,) + idx[p + 1:]]
     return wrap(out, PARTIAL, x._pg, out.shape)
 
@@ -473,7 +473,7 @@ def _put_local(x, idx, p, v, pg, func):
     """x[idx] = v where item `p` is an index (tensor or int) on the sharded dim: every rank
     writes the whole (replicated) value at the entries it holds, the others into the scratch
     slot, which is dropped (no gather of x)."""
-    work, lid = _with_scratch(x, idx[p])
+    work, lid = _with_scratch(x, idx[p], T.__setitem__)
     work[idx[:p] + (lid,) + idx[p + 1:]] = \
         to_layout(v, REPLICA, pg, func) if isinstance(v, torch.Tensor) else v
     x._local.copy_(work.narrow(x._spec.dim, 0, x._local.shape[x._spec.dim]))
