@@ -170,9 +170,11 @@ def _guarded(save, refuse):
 def _refuse_adapter_shards(model: nn.Module, where: str, given: dict) -> None:
     """_refuse_shards over what PEFT's save_pretrained would save: each selected adapter's
     state dict, as PEFT computes it (LoRA's A or B is a shard in a parallelized model)."""
+    adapters = given.get("selected_adapters") or list(getattr(model, "peft_config", ()))
+    if any(a not in getattr(model, "peft_config", ()) for a in adapters):
+        return          # PEFT's own error for an unknown adapter, raised before it writes
     try:
         from peft.utils import get_peft_model_state_dict
-        adapters = given.get("selected_adapters") or list(model.peft_config)
         sds = [get_peft_model_state_dict(model, adapter_name=a, save_embedding_layers=given.get(
             "save_embedding_layers", "auto")) for a in adapters]
     except Exception:   # another peft: check every tensor of the model

@@ -80,6 +80,8 @@ def _peft_saves(rank, directory):
         message = ""
     except st.UnsupportedOpError as e:
         message = str(e)
+    with pytest.raises(ValueError, match="selected_adapters"):   # PEFT's own error stands
+        model.save_pretrained(refused, selected_adapters=["nope"])
     # the recipe the error names saves the adapters, which load serially
     recipe = os.path.join(directory, "recipe")
     model.save_pretrained(recipe, state_dict=st.full_state_dict(model),
