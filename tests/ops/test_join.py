@@ -324,7 +324,7 @@ def _plain_targets(rank, world):
     tokens, ref_tokens = torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)
     buf, ref = torch.zeros(3, 2, 4, dtype=torch.float64), torch.zeros(3, 2, 4, dtype=torch.float64)
     with st.CommTrace() as trace:
-        tokens[:, 2] = torch.argmax(sl[:, -1], dim=-1)       # llama: tokens[:, cur_pos] = next_token
+        tokens[:, 2] = torch.argmax(sl[:, -1], dim=-1)   # llama: tokens[:, cur_pos] = next_token
         buf[0] = rep
         buf[1, :, 1:] = part[:, 1:]
         buf[2, :, at] = 7.0
@@ -386,7 +386,8 @@ def _mask_writes(rank, world, spec, value):
 
 def _mask_write_cases(rank, world):
     return [(dim, stride, value, _mask_writes(rank, world, st.ShardSpec(dim, world, stride), value))
-            for dim, stride in ((2, 1), (1, 1), (2, 13)) for value in ("inf", "num", "st", "tensor")]
+            for dim, stride in ((2, 1), (1, 1), (2, 13))
+            for value in ("inf", "num", "st", "tensor")]
 
 
 @pytest.mark.parametrize("world", WORLDS)
