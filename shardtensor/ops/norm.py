@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from ..collectives import copy_to_region, redistribute_local
-from ..dispatch import UnsupportedOpError
 from ._util import (REPLICA, ST, shard_spec, allreduce_for_shards, group_of, materialize, rule,
                     spec_of, to_layout, unwrap, wrap)
 
@@ -105,8 +104,9 @@ def batch_norm(func, args, kwargs):
     local, the weight, bias and running statistics in its layout; running statistics held whole
     (an nn.BatchNorm's buffers) are updated through this rank's slice, then the slices of every
     rank are gathered back into them (one all-gather of 2 x channels per training step).
-    Replicated input: local. Input sharded on another dim: local with the running statistics
-    (eval); refused in training, where the batch statistics would need every rank's values."""
+    Replicated input: local. Input sharded on another dim (the batch: data split within the
+    group; uneven shards too): local with the running statistics (eval); in training the batch
+    statistics are SyncBatchNorm's, over every rank's values (`_synced_batch_norm`)."""
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
              "eps")
     v = dict(zip(names, args))
@@ -115,18 +115,17 @@ def batch_norm(func, args, kwargs):
     training, momentum, eps = v.get("training", False), v.get("momentum", 0.1), v.get("eps", 1e-5)
     pg = group_of(func, x, rm, rv, w, b)
     local, xs, g = _input(x, func)
-    if xs.is_shard and xs.dim == 1:
-        ps = shard_spec(0, xs.degree, xs.stride)
-    elif xs.is_shard and training:
-        raise UnsupportedOpError(
-            f"F.batch_norm: batch statistics over an input sharded on dim {xs.dim} ({xs!r}) "
-            f"need every rank's values; shard the channels (dim 1) or replicate the input, or "
-            f"set shardtensor.config.fallback = 'gather'")
-    else:
-        ps = REPLICA
+    synced = training and xs.is_shard and xs.dim != 1
+    if synced and math.prod(g) // g[1] < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{g}")                         # torch's check, on the global shape
+    ps = shard_spec(0, xs.degree, xs.stride) if xs.is_shard and xs.dim == 1 else REPLICA
     wl, bl = (None if p is None else _channel_param(p, ps, xs, pg, func) for p in (w, b))
     stats = [_running(t, ps, pg, func) for t in (rm, rv)]
-    if local.shape[1]:
+    if synced:
+        out = _synced_batch_norm(local, g, stats[0][0], stats[1][0], wl, bl, momentum, eps, pg,
+                                 func)
+    elif local.shape[1]:
         out = F.batch_norm(local, stats[0][0], stats[1][0], wl, bl, training, momentum, eps)
     else:   # no channel here (uneven shards; torch refuses): keep the weight and bias in the
         out = local.clone()   # graph, whose backward collectives every rank joins
@@ -135,6 +134,33 @@ def batch_norm(func, args, kwargs):
     if training:
         _write_back([s for s in stats if s[1] is not None], ps, pg, func)
     return wrap(out, xs, pg, g)
+
+
+def _synced_batch_norm(local, g, rm, rv, wl, bl, momentum, eps, pg, func):
+    """Training-mode batch norm of an input split over the ranks on a dim other than the
+    channels, as SyncBatchNorm computes it: the mean and then the variance (two passes: no
+    cancellation) summed over the group (one all-reduce of `channels` numbers each, and one
+    each backward: the gradient's two sums), the running statistics updated with the global
+    values (unbiased variance, as serial)."""
+    dims = (0,) + tuple(range(2, local.dim()))
+    count = math.prod(g) // g[1]
+    h = local.float() if local.dtype in _LOW else local
+    mean = allreduce_for_shards(h.sum(dims, keepdim=True), pg, func) / count
+    c = h - mean
+    var = allreduce_for_shards((c * c).sum(dims, keepdim=True), pg, func) / count
+    y = (c * torch.rsqrt(var + eps)).to(local.dtype)
+    shape = (-1,) + (1,) * (local.dim() - 2)
+    if wl is not None:
+        y = y * wl.reshape(shape)
+    if bl is not None:
+        y = y + bl.reshape(shape)
+    with torch.no_grad():
+        if rm is not None:
+            rm.mul_(1 - momentum).add_(mean.reshape(-1).to(rm.dtype), alpha=momentum)
+        if rv is not None:
+            unbiased = var.reshape(-1) * (count / (count - 1))
+            rv.mul_(1 - momentum).add_(unbiased.to(rv.dtype), alpha=momentum)
+    return y
 
 
 def _channel_param(p, ps, xs, pg, func):
