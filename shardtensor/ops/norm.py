@@ -1,5 +1,5 @@
-"""Normalisation: F.layer_norm and F.rms_norm; F.batch_norm; weight normalisation's
-norm_except_dim and _weight_norm.
+"""Normalisation: F.layer_norm and F.rms_norm; F.batch_norm, F.group_norm, F.instance_norm;
+weight normalisation's norm_except_dim and _weight_norm.
 
 Normalised dims not sharded (the input sharded on batch or sequence): the local op, with the
 weight and bias replicated (their gradients summed over the ranks). Normalised dims sharded
@@ -16,9 +16,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..collectives import copy_to_region, redistribute_local
-from ._util import (REPLICA, ST, shard_spec, allreduce_for_shards, group_of, materialize, rule,
-                    spec_of, to_layout, unwrap, wrap)
+from functools import lru_cache
+
+from ..collectives import all_reduce_, copy_to_region, redistribute_local
+from ..spec import shard_ranges
+from ._util import (REPLICA, ST, shard_spec, allreduce_for_shards, group_of, materialize,
+                    remember, rule, spec_of, to_layout, unwrap, wrap)
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -190,6 +193,163 @@ def _write_back(stats, spec, pg, func):
             return
         for local, t in stats:
             unwrap(t).copy_(redistribute_local(local, spec, spec_of(t), t.shape, pg, func))
+
+
+# --- group norm, instance norm -------------------------------------------------------------------
+
+_CHECKED: dict = {}
+
+
+def _check_on_meta(key, call, *shapes):
+    """torch's own checks (and messages) of a norm call, run once per global shapes on meta
+    tensors: every rank raises before anything is computed."""
+    if key not in _CHECKED:
+        call(*[None if s is None else torch.empty(s, device="meta") for s in shapes])
+        remember(_CHECKED, key, True)
+
+
+def _shape(t):
+    return None if t is None else tuple(t._gshape if type(t) is ST else t.shape)
+
+
+@lru_cache(maxsize=1024)
+def _whole_groups(c: int, groups: int, spec) -> bool:
+    """Does every rank's share of `c` channels laid out by `spec` hold whole groups?"""
+    size = c // groups
+    return all(start % size == 0 and length % size == 0 for r in range(spec.degree)
+               for start, length in shard_ranges(c, spec.degree, spec.stride, r))
+
+
+@lru_cache(maxsize=1024)
+def _channel_index(c: int, spec, rank: int) -> torch.Tensor:
+    return torch.cat([torch.arange(s, s + n) for s, n in shard_ranges(c, spec.degree,
+                                                                       spec.stride, rank)])
+
+
+def _synced_group_stats(h, xs, g, groups, eps, pg, func):
+    """Group norm of `h` (this rank's piece of an input sharded on its channels, groups
+    straddling the shards, or on a spatial dim) with the statistics of each (sample, group)
+    summed over the ranks: the mean, then the squared deviations (one all-reduce of samples x
+    channels each, one each backward) -> (normalised h, mean, biased variance), the last two
+    per sample and local channel."""
+    n, c = g[0], g[1]
+    size = c // groups
+    spatial = tuple(range(2, h.dim()))
+    count = size * math.prod(g[2:])
+    idx = _channel_index(c, xs, pg.tp_local_rank()).to(h.device) if xs.dim == 1 else None
+
+    def per_group(part):            # this rank's per-channel sums -> its channels' group means
+        full = part if idx is None else part.new_zeros(n, c).index_add(1, idx, part)
+        total = allreduce_for_shards(full, pg, func).reshape(n, groups, size).sum(-1) / count
+        total = total.repeat_interleave(size, 1)
+        return total if idx is None else total.index_select(1, idx)
+
+    shape = (n, -1) + (1,) * len(spatial)
+    mean = per_group(h.sum(spatial) if spatial else h)
+    dev = h - mean.reshape(shape)
+    var = per_group((dev * dev).sum(spatial) if spatial else dev * dev)
+    return dev * torch.rsqrt(var.reshape(shape) + eps), mean, var
+
+
+def _affine(y, wl, bl):
+    shape = (-1,) + (1,) * (y.dim() - 2)
+    y = y if wl is None else y * wl.reshape(shape)
+    return y if bl is None else y + bl.reshape(shape)
+
+
+def _no_channel(local, wl, bl):
+    """A rank holding no channel (uneven shards; torch refuses or misreads): keep the weight and
+    bias in the graph, whose backward collectives every rank joins."""
+    out = local.clone()
+    for p in (wl, bl):
+        out = out if p is None else out + p.sum()
+    return out
+
+
+@rule(F.group_norm)
+def group_norm(func, args, kwargs):
+    """Statistics per sample and group of channels. Batch-sharded or replicated input: local
+    (weight and bias replicated). Channel-sharded input where every rank holds whole groups
+    (uneven shards too, when the groups fall on the shard boundaries): local over this rank's
+    groups, weight and bias in the channels' layout. Groups straddling the shards, or an input
+    sharded on a spatial dim: the statistics are summed over the group (two all-reduces of
+    samples x channels numbers forward, two backward)."""
+    v = dict(zip(("input", "num_groups", "weight", "bias", "eps"), args))
+    v.update(kwargs)
+    x, groups, w, b = v["input"], v["num_groups"], v.get("weight"), v.get("bias")
+    eps = v.get("eps", 1e-5)
+    pg = group_of(func, x, w, b)
+    shapes = [_shape(t) for t in (x, w, b)]
+    _check_on_meta((func, groups, *shapes), lambda *t: F.group_norm(t[0], groups, *t[1:]),
+                   *shapes)
+    local, xs, g = _input(x, func)
+    ps = shard_spec(0, xs.degree, xs.stride) if xs.is_shard and xs.dim == 1 else REPLICA
+    wl, bl = (None if p is None else _channel_param(p, ps, xs, pg, func) for p in (w, b))
+    # torch.group_norm: F.group_norm's size check was made on the global shape, not this piece's
+    if not xs.is_shard or xs.dim == 0:
+        return wrap(torch.group_norm(local, groups, wl, bl, eps), xs, pg, g)
+    if xs.dim == 1 and _whole_groups(g[1], groups, xs):
+        here = local.shape[1] // (g[1] // groups)
+        out = torch.group_norm(local, here, wl, bl, eps) if here else _no_channel(local, wl, bl)
+        return wrap(out, xs, pg, g)
+    h = local.float() if local.dtype in _LOW else local
+    y = _synced_group_stats(h, xs, g, groups, eps, pg, func)[0].to(local.dtype)
+    return wrap(_affine(y, wl, bl), xs, pg, g)
+
+
+@rule(F.instance_norm)
+def instance_norm(func, args, kwargs):
+    """Statistics per sample and channel. Channel-sharded, batch-sharded or replicated input:
+    local, weight, bias and running statistics in the channels' layout (or replicated); whole
+    running statistics (an nn.InstanceNorm's buffers) of a channel-sharded input are updated
+    through this rank's slice and gathered back (one all-gather of 2 x channels), of a
+    batch-sharded one averaged over the ranks' samples (one all-reduce of 2 x channels), as
+    serial's mean over the batch. Sharded on a spatial dim with input statistics: summed over
+    the group (two all-reduces of samples x channels numbers forward, two backward)."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats",
+             "momentum", "eps")
+    v = dict(zip(names, args))
+    v.update(kwargs)
+    x, rm, rv, w, b = (v.get(k) for k in names[:5])
+    use, momentum = v.get("use_input_stats", True), v.get("momentum", 0.1)
+    eps = v.get("eps", 1e-5)
+    pg = group_of(func, x, rm, rv, w, b)
+    shapes = [_shape(t) for t in (x, rm, rv, w, b)]
+    _check_on_meta((func, use, *shapes), lambda *t: F.instance_norm(*t, use_input_stats=use),
+                   *shapes)
+    local, xs, g = _input(x, func)
+    ps = shard_spec(0, xs.degree, xs.stride) if xs.is_shard and xs.dim == 1 else REPLICA
+    wl, bl = (None if p is None else _channel_param(p, ps, xs, pg, func) for p in (w, b))
+    stats = [_running(t, ps, pg, func) for t in (rm, rv)]
+    tracked = use and rm is not None
+    rml, rvl = stats[0][0], stats[1][0]
+    if xs.is_shard and xs.dim >= 2 and use:
+        h = local.float() if local.dtype in _LOW else local
+        y, mean, var = _synced_group_stats(h, xs, g, g[1], eps, pg, func)
+        out = _affine(y.to(local.dtype), wl, bl)
+        count = math.prod(g[2:])
+        with torch.no_grad():      # serial's: per-sample statistics, averaged over the batch
+            for t, new in ((rml, mean), (rvl, var * (count / (count - 1)))):
+                if t is not None:
+                    t.mul_(1 - momentum).add_(new.mean(0).to(t.dtype), alpha=momentum)
+    elif xs.is_shard and xs.dim == 0 and tracked:
+        # serial's running statistics move by the batch's mean of per-sample statistics: this
+        # rank's samples' update, weighted by their share of the batch, summed over the ranks
+        n = local.shape[0]
+        out = (F.instance_norm(local, rml, rvl, wl, bl, use, momentum, eps) if local.numel()
+               else _no_channel(local, wl, bl))
+        with torch.no_grad():
+            held = [t for t in (rml, rvl) if t is not None]
+            both = all_reduce_(torch.stack(held) * (n / g[0]), pg, func)
+            for t, new in zip(held, both):
+                t.copy_(new)
+    elif local.numel() or not xs.is_shard:
+        out = F.instance_norm(local, rml, rvl, wl, bl, use, momentum, eps)
+    else:
+        out = _no_channel(local, wl, bl)   # (torch refuses a piece without samples or channels)
+    if tracked:
+        _write_back([s for s in stats if s[1] is not None], ps, pg, func)
+    return wrap(out, xs, pg, g)
 
 
 # --- weight normalisation (torch.nn.utils.parametrizations.weight_norm, nn.utils.weight_norm) ---
