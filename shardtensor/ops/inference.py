@@ -372,13 +372,27 @@ def multinomial(func, args, kwargs):
         raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
     if (stats[:-1] <= 0).any():
         raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
-    q = torch.empty(x._gshape, dtype=local.dtype, device=local.device).exponential_(1, generator=gen)
+    q = _empty_in_order_of(x._gshape, local).exponential_(1, generator=gen)
     from ..spec import take_shard
     ratio = local / take_shard(q, x._spec, pg.tp_local_rank())
     _, idx = _sharded_topk(x, ratio, n, d, True, func)
     shape = list(x._gshape)
     shape[d] = n
     return wrap(idx, REPLICA, pg, shape)
+
+
+def _empty_in_order_of(shape, local: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of the global `shape` laid out in memory in the dim order of the shard
+    `local`, as serial's `empty_like(p)` follows p's: a random fill visits the entries in memory
+    order, so only then does every rank draw serial's numbers for the same entries."""
+    kw = dict(dtype=local.dtype, device=local.device)
+    if local.is_contiguous():
+        return torch.empty(shape, **kw)
+    perm = sorted(range(local.dim()), key=lambda k: -local.stride(k))
+    if not local.permute(perm).is_contiguous():   # not dense: torch allocates contiguous
+        return torch.empty(shape, **kw)
+    out = torch.empty([shape[k] for k in perm], **kw)
+    return out.permute([perm.index(k) for k in range(local.dim())])
 
 
 # --- sort (top-p) and running sums ----------------------------------------------------------------

@@ -36,6 +36,17 @@ def _draws(rank, world):
                 got = sample_top_p(sp, p)
                 out[(vocab, p, seed)] = (got.full() if isinstance(got, st.ShardedTensor)
                                          else got).tolist() == ref.tolist()
+    # sampling straight from vocab-sharded probabilities laid out column-major (elementwise ops
+    # on a transposed tensor keep its memory order, serially too): the draws follow that order
+    for seed in range(4):
+        e = (torch.randn(61, 3, generator=g).t() * 2).exp()
+        probs = e / e.sum(-1, keepdim=True)
+        sp = st.ShardedTensor.from_global(probs, pg, st.ShardSpec(1, world))
+        sp = sp * 1.0   # (an op on the shard: its memory order is the shard's own)
+        torch.manual_seed(seed)
+        ref = torch.multinomial(probs, 1)
+        torch.manual_seed(seed)
+        out[("column-major", seed)] = torch.multinomial(sp, 1).full().tolist() == ref.tolist()
     # .full() keeps the shards' memory order: a contiguous tensor and a transposed one
     x = torch.randn(5, 7, generator=g)
     xt = torch.randn(7, 5, generator=g).t()
