@@ -417,7 +417,8 @@ def _local_mask_write(x, mask, v) -> bool:
     if isinstance(v, torch.Tensor):
         if v.dim() or (type(v) is ST and v._spec.is_partial):
             return False
-        v = v._local if type(v) is ST else v
+        # every rank reads the whole value: its gradient is the sum of the ranks' (Megatron's f)
+        v = copy_to_region(v._local if type(v) is ST else v, x._pg, T.__setitem__)
     x._local[mask._local] = v
     return True
 
@@ -474,8 +475,10 @@ def _put_local(x, idx, p, v, pg, func):
     writes the whole (replicated) value at the entries it holds, the others into the scratch
     slot, which is dropped (no gather of x)."""
     work, lid = _with_scratch(x, idx[p], T.__setitem__)
+    # every rank reads the whole value: its gradient is the sum of the ranks' (Megatron's f)
     work[idx[:p] + (lid,) + idx[p + 1:]] = \
-        to_layout(v, REPLICA, pg, func) if isinstance(v, torch.Tensor) else v
+        copy_to_region(to_layout(v, REPLICA, pg, func), x._pg, func) \
+        if isinstance(v, torch.Tensor) else v
     x._local.copy_(work.narrow(x._spec.dim, 0, x._local.shape[x._spec.dim]))
 
 

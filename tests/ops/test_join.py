@@ -396,3 +396,43 @@ def test_mask_writes_with_the_targets_layout_are_local(world):
     # write done through its nonzero indices
     for dim, stride, value, (spec, nev) in run(world, _mask_write_cases, world)[0]:
         assert nev == 0, (dim, stride, value, nev)
+
+
+def _value_grads(rank, world):
+    """x[mask] = v and x[:, ids] = v on a tensor sharded on the written dim, v read by every
+    rank (replicated ShardedTensor or plain, requiring grad): v's gradient is serial's."""
+    pg = st.ProcessGroup()
+    out = []
+    for dim, stride in ((1, 1), (1, 3), (0, 1)):
+        for how in ("mask", "ids"):
+            for kind in ("st", "plain"):
+                g = torch.Generator().manual_seed(7)
+                full = torch.randn(6, 12, dtype=torch.float64, generator=g)
+                w = torch.randn(6, 12, dtype=torch.float64, generator=g)
+                v0 = torch.randn((6, 1) if how == "ids" else (), dtype=torch.float64,
+                                 generator=g).requires_grad_()
+                v1 = v0.detach().clone().requires_grad_()
+                ids = torch.tensor([1, 5, 10])
+                ref, y = full * 1.0, st.ShardedTensor.from_global(
+                    full, pg, st.ShardSpec(dim, world, stride)) * 1.0
+                vv = (st.ShardedTensor.from_global(v1, pg, st.ReplicaSpec())
+                      if kind == "st" else v1) * 2
+                if how == "mask":
+                    ref[ref > 0] = v0 * 2
+                    y[y > 0] = vv
+                else:
+                    ref[:, ids] = v0 * 2
+                    y[:, ids] = vv
+                (ref * w).sum().backward()
+                (y.full() * w).sum().backward()
+                torch.testing.assert_close(y.full(), ref.detach(), rtol=0, atol=0)
+                torch.testing.assert_close(v1.grad, v0.grad, rtol=1e-12, atol=1e-12)
+                out.append((dim, stride, how, kind))
+    return out
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_written_values_get_every_ranks_gradient(world):
+    # a value written at entries spread over the ranks (a local mask write, an index write on
+    # the sharded dim) got only this rank's entries' gradient: each rank a different one
+    assert len(run(world, _value_grads, world)[0]) == 12
