@@ -44,6 +44,11 @@ def gather_output(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 _CONTIGUOUS = torch.contiguous_format
+# dtypes the backends cannot move (gloo: int16, uint16/32/64, float8; nccl: int16): gathered and
+# exchanged as their bytes (a contiguous tensor viewed as uint8 is its last dim times itemsize)
+_AS_BYTES = frozenset(getattr(torch, n) for n in (
+    "int16", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+    "float8_e5m2fnuz") if hasattr(torch, n))
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -73,9 +78,12 @@ def _all_gather(x: torch.Tensor, spec: ShardSpec, n: int, pg, op, phase) -> torc
     if xt.shape[0] < m:  # pad this rank's piece to the largest so every rank sends the same
         xt = torch.cat([xt, xt.new_zeros((m - xt.shape[0],) + tuple(xt.shape[1:]))])
     xt = xt.contiguous()
-    out = gather_output((d * m,) + tuple(xt.shape[1:]), xt)
+    wire = xt.clone(memory_format=_CONTIGUOUS).view(torch.uint8) if xt.dtype in _AS_BYTES else xt
+    out = gather_output((d * m,) + tuple(wire.shape[1:]), wire)
     _record("all_gather", out, pg, op, phase)
-    _all_gather_base(out, xt, group=pg.tp_process_group())
+    _all_gather_base(out, wire, group=pg.tp_process_group())
+    if wire is not xt:
+        out = out.view(xt.dtype)
     if m * d == n and spec.stride == 1:
         full = out
     else:
@@ -145,8 +153,12 @@ def _all_to_all(x: torch.Tensor, src: ShardSpec, dst: ShardSpec, full_shape: Seq
     recv_numels = [int(torch.Size(s).numel()) for s in recv_shapes]
     recv = send.new_empty(sum(recv_numels))
     _record("all_to_all", send, pg, op, phase)
-    dist.all_to_all_single(recv, send, output_split_sizes=recv_numels,
-                           input_split_sizes=[p.numel() for p in send_pieces],
+    raw = send.dtype in _AS_BYTES
+    k = send.element_size() if raw else 1
+    dist.all_to_all_single(recv.view(torch.uint8) if raw else recv,
+                           send.view(torch.uint8) if raw else send,
+                           output_split_sizes=[k * c for c in recv_numels],
+                           input_split_sizes=[k * p.numel() for p in send_pieces],
                            group=pg.tp_process_group())
     pieces = [c.view(s) for c, s in zip(torch.split(recv, recv_numels), recv_shapes)]
     return assemble(pieces, src)

@@ -1,0 +1,59 @@
+"""Collectives on dtypes the backends cannot move (gloo: int16, uint16/32/64, float8; nccl:
+int16): gathers (.full(), a sharded dim made replicated) and all-to-alls (a shard moved to
+another dim) carry their bytes and give serial's values, uneven shards and strides included."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as hs
+
+import shardtensor as st
+from shardtensor.testing import run
+from strategies import shapes, shard_specs
+
+DTYPES = [d for d in (torch.int16, getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+                      getattr(torch, "uint64", None), getattr(torch, "float8_e4m3fn", None),
+                      torch.int32, torch.float64) if d is not None]
+
+
+def _values(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 100, shape, generator=g).to(dtype)
+
+
+def _bytes(t):
+    return t.clone(memory_format=torch.contiguous_format).view(torch.uint8)
+
+
+def _moves(rank, cases):
+    """Per case: what differs from serial on this rank (empty when nothing does)."""
+    pg = st.ProcessGroup()
+    out = []
+    for shape, spec, dtype, seed in cases:
+        full = _values(shape, dtype, seed)
+        x = st.ShardedTensor.from_global(full, pg, spec)
+        other = (spec.dim + 1) % len(shape)
+        bad = []
+        gathered = x.full()                                        # all-gather
+        moved = x.redistribute(st.ShardSpec(other, spec.degree))   # all-to-all
+        part = torch.tensor_split(full, spec.degree, other)[rank]
+        for what, got, want in (("full()", gathered, full), ("moved.full()", moved.full(), full),
+                                ("moved shard", moved.to_local(), part),
+                                ("short().full()", x.short().full(), full.short())):
+            if got.dtype != want.dtype or not torch.equal(_bytes(got), _bytes(want)):
+                bad.append(what)
+        out.append(bad)
+    return out
+
+
+@pytest.mark.parametrize("world", (2, 4))
+@settings(max_examples=5)
+@given(data=hs.data())
+def test_gathers_and_all_to_all_move_every_dtype(world, data):
+    cases = []
+    for _ in range(8):
+        shape = data.draw(shapes(min_dims=2, max_dims=3, max_side=7))
+        spec = data.draw(shard_specs(shape, world))
+        dtype = data.draw(hs.sampled_from(DTYPES))
+        cases.append((shape, spec.normalize(shape), dtype, data.draw(hs.integers(0, 2 ** 16))))
+    for rank, per_rank in enumerate(run(world, _moves, cases)):
+        for case, bad in zip(cases, per_rank):
+            assert not bad, f"rank {rank}, {case}: {bad} differ from serial"
