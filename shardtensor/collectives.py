@@ -97,8 +97,8 @@ def _in_layout_of(full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     shard), as the serial tensor is: what a stride-dependent op computes follows the memory order
     (torch.multinomial draws its exponentials in it: top-p sampling after the sort of a gathered
     vocab-sharded row drew other tokens than serial's)."""
-    if x.is_contiguous():
-        return full.contiguous()
+    if x.is_contiguous():   # through 1-D: serial's strides on size-1 dims too, which a
+        return full.contiguous().view(-1).view(full.shape)   # contiguous tensor may lack
     perm = sorted(range(x.dim()), key=lambda k: -x.stride(k))
     out = full.new_empty([full.shape[k] for k in perm])
     return out.permute([perm.index(k) for k in range(x.dim())]).copy_(full)

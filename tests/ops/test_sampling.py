@@ -70,3 +70,38 @@ def test_top_p_after_the_vocab_gather_draws_serials_tokens(world):
     bad = [k for k, ok in draws.items() if not ok]
     assert not bad, bad
     assert all(all(case) for case in layouts), layouts
+
+
+def _gathered_strides(rank, world):
+    """Gathers along every dim of shapes with size-1 dims (uneven pieces too): the result has
+    the strides of serial's contiguous tensor, and a grouped conv_transpose2d (whose CPU kernel
+    refuses a contiguous input with other strides on a size-1 dim) runs on it."""
+    pg = st.ProcessGroup()
+    bad, g = [], torch.Generator().manual_seed(0)
+    for shape in ((2, 1, 1), (1, 3, 1), (2, 1, 5), (1, 1), (3, 1, 2, 1)):
+        t = torch.randn(shape, dtype=torch.float64, generator=g)
+        for d in range(len(shape)):
+            full = st.ShardedTensor.from_global(t, pg, st.ShardSpec(d, world)).full()
+            if full.stride() != t.stride() or not torch.equal(full, t):
+                bad.append((shape, d, full.stride(), t.stride()))
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 1, dtype=torch.float64).requires_grad_()
+    w = torch.randn(2, 2, 2, 2, dtype=torch.float64).requires_grad_()
+    sx = st.ShardedTensor.from_global(x, pg, st.ShardSpec(1, world))
+    out = torch.nn.functional.conv_transpose2d(sx, w, None, 1, 0, 0, 2, 1)
+    out.full().sum().backward()
+    return bad, x.grad.tolist()
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_gathered_tensors_have_serials_strides(world):
+    # a gather along a dim next to size-1 dims returned a contiguous tensor with strides of its
+    # own on the size-1 dims ((1, 2, 1) for a (2, 1, 1) tensor): conv_transpose2d's backward
+    # raised 'grad_weight needs to be contiguous' at tp 4 (test_conv_transpose, a random case)
+    bad, grad = run(world, _gathered_strides, world)[0]
+    assert not bad, bad
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 1, dtype=torch.float64).requires_grad_()
+    w = torch.randn(2, 2, 2, 2, dtype=torch.float64).requires_grad_()
+    torch.nn.functional.conv_transpose2d(x, w, None, 1, 0, 0, 2, 1).sum().backward()
+    assert grad == x.grad.tolist()
