@@ -101,6 +101,22 @@ if hasattr(F, "rms_norm"):
 
 # --- batch norm ----------------------------------------------------------------------------------
 
+def _affine(y, wl, bl):
+    """y * weight + bias per channel (dim 1), either absent."""
+    shape = (-1,) + (1,) * (y.dim() - 2)
+    y = y if wl is None else y * wl.reshape(shape)
+    return y if bl is None else y + bl.reshape(shape)
+
+
+def _no_channel(local, wl, bl):
+    """A rank holding no channel (uneven shards; torch refuses or misreads): keep the weight and
+    bias in the graph, whose backward collectives every rank joins."""
+    out = local.clone()
+    for p in (wl, bl):
+        out = out if p is None else out + p.sum()
+    return out
+
+
 @rule(F.batch_norm)
 def batch_norm(func, args, kwargs):
     """Statistics per channel (dim 1). Channel-sharded input (after a column-parallel conv):
@@ -130,10 +146,8 @@ def batch_norm(func, args, kwargs):
                                  func)
     elif local.shape[1]:
         out = F.batch_norm(local, stats[0][0], stats[1][0], wl, bl, training, momentum, eps)
-    else:   # no channel here (uneven shards; torch refuses): keep the weight and bias in the
-        out = local.clone()   # graph, whose backward collectives every rank joins
-        for p in (wl, bl):
-            out = out if p is None else out + p.sum()
+    else:
+        out = _no_channel(local, wl, bl)
     if training:
         _write_back([s for s in stats if s[1] is not None], ps, pg, func)
     return wrap(out, xs, pg, g)
@@ -151,12 +165,7 @@ def _synced_batch_norm(local, g, rm, rv, wl, bl, momentum, eps, pg, func):
     mean = allreduce_for_shards(h.sum(dims, keepdim=True), pg, func) / count
     c = h - mean
     var = allreduce_for_shards((c * c).sum(dims, keepdim=True), pg, func) / count
-    y = (c * torch.rsqrt(var + eps)).to(local.dtype)
-    shape = (-1,) + (1,) * (local.dim() - 2)
-    if wl is not None:
-        y = y * wl.reshape(shape)
-    if bl is not None:
-        y = y + bl.reshape(shape)
+    y = _affine((c * torch.rsqrt(var + eps)).to(local.dtype), wl, bl)
     with torch.no_grad():
         if rm is not None:
             rm.mul_(1 - momentum).add_(mean.reshape(-1).to(rm.dtype), alpha=momentum)
@@ -249,21 +258,6 @@ def _synced_group_stats(h, xs, g, groups, eps, pg, func):
     dev = h - mean.reshape(shape)
     var = per_group((dev * dev).sum(spatial) if spatial else dev * dev)
     return dev * torch.rsqrt(var.reshape(shape) + eps), mean, var
-
-
-def _affine(y, wl, bl):
-    shape = (-1,) + (1,) * (y.dim() - 2)
-    y = y if wl is None else y * wl.reshape(shape)
-    return y if bl is None else y + bl.reshape(shape)
-
-
-def _no_channel(local, wl, bl):
-    """A rank holding no channel (uneven shards; torch refuses or misreads): keep the weight and
-    bias in the graph, whose backward collectives every rank joins."""
-    out = local.clone()
-    for p in (wl, bl):
-        out = out if p is None else out + p.sum()
-    return out
 
 
 @rule(F.group_norm)
