@@ -78,12 +78,14 @@ def _all_gather(x: torch.Tensor, spec: ShardSpec, n: int, pg, op, phase) -> torc
     if xt.shape[0] < m:  # pad this rank's piece to the largest so every rank sends the same
         xt = torch.cat([xt, xt.new_zeros((m - xt.shape[0],) + tuple(xt.shape[1:]))])
     xt = xt.contiguous()
-    wire = xt.clone(memory_format=_CONTIGUOUS).view(torch.uint8) if xt.dtype in _AS_BYTES else xt
+    # (a trailing dim of 1 first: the bytes widen it, never the gathered dim of a 1-D piece)
+    wire = (xt.unsqueeze(-1).clone(memory_format=_CONTIGUOUS).view(torch.uint8)
+            if xt.dtype in _AS_BYTES else xt)
     out = gather_output((d * m,) + tuple(wire.shape[1:]), wire)
     _record("all_gather", out, pg, op, phase)
     _all_gather_base(out, wire, group=pg.tp_process_group())
     if wire is not xt:
-        out = out.view(xt.dtype)
+        out = out.view(xt.dtype).squeeze(-1)
     if m * d == n and spec.stride == 1:
         full = out
     else:

@@ -57,3 +57,28 @@ def test_gathers_and_all_to_all_move_every_dtype(world, data):
     for rank, per_rank in enumerate(run(world, _moves, cases)):
         for case, bad in zip(cases, per_rank):
             assert not bad, f"rank {rank}, {case}: {bad} differ from serial"
+
+
+def _one_dim(rank, world):
+    """1-D tensors of those dtypes gathered (uneven and strided pieces): serial's bytes."""
+    pg = st.ProcessGroup()
+    bad = []
+    for dtype in DTYPES:
+        for n in (1, 5, 7, 12):
+            for stride in (1, 2, 3):
+                if n % stride:
+                    continue
+                full = _values((n,), dtype, n)
+                x = st.ShardedTensor.from_global(full, pg, st.ShardSpec(0, world, stride))
+                got = x.full()
+                if got.dtype != dtype or not torch.equal(_bytes(got), _bytes(full)):
+                    bad.append((str(dtype), n, stride))
+    return bad
+
+
+@pytest.mark.parametrize("world", (2, 4))
+def test_one_dim_gathers_move_every_dtype(world):
+    # the bytes widened the gathered dim of a 1-D piece: gloo refused the sizes ('invalid
+    # tensor size', e.g. torch.arange(7).short() sharded on dim 0 at tp 2, then .full())
+    for rank, bad in enumerate(run(world, _one_dim, world)):
+        assert not bad, (rank, bad)
