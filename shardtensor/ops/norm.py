@@ -102,7 +102,9 @@ if hasattr(F, "rms_norm"):
 # --- batch norm ----------------------------------------------------------------------------------
 
 def _affine(y, wl, bl):
-    """y * weight + bias per channel (dim 1), either absent."""
+    """y * weight + bias per channel (dim 1), either absent. Callers cast the result to the
+    input's dtype, as torch's norms return it (a bfloat16 input with float32 weights: bfloat16,
+    the affine computed in float32 as torch computes it)."""
     shape = (-1,) + (1,) * (y.dim() - 2)
     y = y if wl is None else y * wl.reshape(shape)
     return y if bl is None else y + bl.reshape(shape)
@@ -165,7 +167,7 @@ def _synced_batch_norm(local, g, rm, rv, wl, bl, momentum, eps, pg, func):
     mean = allreduce_for_shards(h.sum(dims, keepdim=True), pg, func) / count
     c = h - mean
     var = allreduce_for_shards((c * c).sum(dims, keepdim=True), pg, func) / count
-    y = _affine((c * torch.rsqrt(var + eps)).to(local.dtype), wl, bl)
+    y = _affine(c * torch.rsqrt(var + eps), wl, bl).to(local.dtype)
     with torch.no_grad():
         if rm is not None:
             rm.mul_(1 - momentum).add_(mean.reshape(-1).to(rm.dtype), alpha=momentum)
@@ -287,8 +289,8 @@ def group_norm(func, args, kwargs):
         out = torch.group_norm(local, here, wl, bl, eps) if here else _no_channel(local, wl, bl)
         return wrap(out, xs, pg, g)
     h = local.float() if local.dtype in _LOW else local
-    y = _synced_group_stats(h, xs, g, groups, eps, pg, func)[0].to(local.dtype)
-    return wrap(_affine(y, wl, bl), xs, pg, g)
+    y = _synced_group_stats(h, xs, g, groups, eps, pg, func)[0]
+    return wrap(_affine(y, wl, bl).to(local.dtype), xs, pg, g)
 
 
 @rule(F.instance_norm)
@@ -320,7 +322,7 @@ def instance_norm(func, args, kwargs):
     if xs.is_shard and xs.dim >= 2 and use:
         h = local.float() if local.dtype in _LOW else local
         y, mean, var = _synced_group_stats(h, xs, g, g[1], eps, pg, func)
-        out = _affine(y.to(local.dtype), wl, bl)
+        out = _affine(y, wl, bl).to(local.dtype)
         count = math.prod(g[2:])
         with torch.no_grad():      # serial's: per-sample statistics, averaged over the batch
             for t, new in ((rml, mean), (rvl, var * (count / (count - 1)))):

@@ -199,3 +199,42 @@ def test_batch_norm_trains_on_a_batch_sharded_input_as_serial(world, batch):
                                             + [("backward", "all_reduce", c)] * 4)
     for e in events:
         assert [x for x in e if x[1] == "all_reduce"] == expected, e
+
+
+def _low_precision(rank, world):
+    """bfloat16 / float16 input with float32 weight and bias (nn.BatchNorm/GroupNorm kept in
+    float32 in a half-precision net) through the paths whose statistics span ranks: serial's
+    output dtype and values, the input gradient's dtype."""
+    pg = st.ProcessGroup()
+    out = []
+    for dtype in (torch.bfloat16, torch.float16):
+        g = torch.Generator().manual_seed(3)
+        x = (torch.randn(4, 6, 5, generator=g) * 2 + 1).to(dtype)
+        w, b = torch.randn(6, generator=g), torch.randn(6, generator=g)
+        calls = {"batch_norm": lambda t: F.batch_norm(t, torch.zeros(6), torch.ones(6), w, b,
+                                                      True),
+                 "group_norm": lambda t: F.group_norm(t, 3, w, b),
+                 "instance_norm": lambda t: F.instance_norm(t, None, None, w, b)}
+        for name, dims in (("batch_norm", (0, 2)), ("group_norm", (1, 2)),
+                           ("instance_norm", (2,))):
+            for d in dims:
+                spec = st.ShardSpec(d, world)
+                if name == "group_norm" and d == 1 and world == 2:
+                    spec = st.ShardSpec(1, 2, 3)   # groups of 2 channels straddle the shards
+                leaf = x.clone().requires_grad_()
+                ref = calls[name](leaf)
+                ref.float().sum().backward()
+                tx = st.ShardedTensor.from_global(x.clone(), pg, spec).requires_grad_()
+                got = calls[name](tx)
+                got.full().float().sum().backward()
+                torch.testing.assert_close(got.full(), ref.detach())   # dtype included
+                out.append((name, d, str(got.dtype), str(tx.grad.dtype)))
+                assert got.dtype == ref.dtype and tx.grad.dtype == leaf.grad.dtype
+    return out
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_low_precision_inputs_keep_their_dtype(world):
+    # the statistics-spanning paths cast the normalised input to bfloat16 and then applied the
+    # float32 weight and bias: a float32 output (serial: bfloat16), rounded twice
+    assert len(run(world, _low_precision, world)[0]) == 10
