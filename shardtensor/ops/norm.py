@@ -70,12 +70,13 @@ def layer_norm(func, args, kwargs):
     c = h - mean
     var = allreduce_for_shards((c * c).sum(dims, keepdim=True), pg, func) / count
     y = c * torch.rsqrt(var + eps)
-    y = y.to(local.dtype)
     if wl is not None:
         y = y * wl
     if bl is not None:
         y = y + bl
-    return wrap(y, xs, pg, g)
+    # the affine in the statistics' precision, cast once: torch's dtype (the input's, also
+    # with float32 weights on a bfloat16 input) and its rounding
+    return wrap(y.to(local.dtype), xs, pg, g)
 
 
 if hasattr(F, "rms_norm"):

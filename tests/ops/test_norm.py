@@ -100,3 +100,28 @@ def test_rms_norm_pattern_matches_serial(world, data):
         assert fwd == ["all_reduce"]             # the mean over the hidden shards, once
     elif world > 1:
         assert fwd == []
+
+
+def _low_precision_layer_norm(rank, world):
+    """F.layer_norm of a bfloat16 / float16 input sharded on the normalised dim (statistics
+    summed over the ranks), float32 or same-dtype weight and bias: serial's dtype and values."""
+    pg = st.ProcessGroup()
+    out = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for wdtype in (torch.float32, dtype):
+            g = torch.Generator().manual_seed(4)
+            x = (torch.randn(3, 5, 12, generator=g) * 2 + 1).to(dtype)
+            w, b = (torch.randn(12, generator=g).to(wdtype) for _ in range(2))
+            for spec in (st.ShardSpec(2, world), st.ShardSpec(2, world, 3)):
+                ref = F.layer_norm(x, (12,), w, b)
+                got = F.layer_norm(st.ShardedTensor.from_global(x, pg, spec), (12,), w, b)
+                torch.testing.assert_close(got.full(), ref)   # dtype included
+                out.append((str(dtype), str(wdtype), repr(spec)))
+    return out
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_layer_norm_over_sharded_dims_keeps_low_precision_dtypes(world):
+    # the normalised input was cast back to bfloat16 before float32 weight and bias: a float32
+    # output (serial: bfloat16), rounded three times with same-dtype weights
+    assert len(run(world, _low_precision_layer_norm, world)[0]) == 8
