@@ -50,9 +50,11 @@ def scatter_inplace(func, args, kwargs):
         raise UnsupportedOpError(f"{_trace.func_name(func)} with a sharded index ({idx._spec!r}) "
                                  f"is not supported; the index must be replicated")
     il = to_layout(idx, REPLICA, pg, func) if type(idx) is ST else idx
+    # the whole source where a rank needs all of it (a sharded one is gathered)
+    whole = (lambda: to_layout(src, REPLICA, pg, func)) if type(src) is ST else (lambda: src)
     if type(x) is not ST:   # a plain destination: replicated values, computed locally
         out = x if op is func else x.clone()
-        return op(out, dim, il, materialize(src, func) if type(src) is ST else src, **rest)
+        return op(out, dim, il, whole(), **rest)
     if op is not func:
         x = wrap(materialize(x, func).clone(), REPLICA if x._spec.is_partial else x._spec, pg,
                  x._gshape, x._compute_spec)
@@ -64,7 +66,7 @@ def scatter_inplace(func, args, kwargs):
     d = dim % len(g)
     loc = x._local
     if not spec.is_shard:
-        op(loc, d, il, materialize(src, func) if type(src) is ST else src, **rest)
+        op(loc, d, il, whole(), **rest)
         return x
     tensor_src = isinstance(src, torch.Tensor)
     if spec.dim != d:
@@ -76,7 +78,10 @@ def scatter_inplace(func, args, kwargs):
                     f"{_trace.func_name(func)}: an index of shape {tuple(il.shape)} covering "
                     f"part of the sharded dim {spec.dim} of {tuple(g)} is not supported")
             il = to_layout(il, spec, pg, func)
-        if tensor_src:
+        if op is T.index_fill_:   # a 0-d value, read by every rank: its gradient is summed
+            if tensor_src:
+                src = copy_to_region(whole(), pg, func)
+        elif tensor_src:
             src = to_layout(src, spec, pg, func)
         op(loc, d, il, src, **rest)
         return x
@@ -92,7 +97,7 @@ def scatter_inplace(func, args, kwargs):
     lid, mask = local_index(il, g[d], spec, pg.tp_local_rank())
     lid = torch.where(mask, lid, torch.full_like(lid, n))
     if tensor_src:   # every rank reads the whole source: its gradient is summed (Megatron's f)
-        src = copy_to_region(materialize(src, func) if type(src) is ST else src, pg, func)
+        src = copy_to_region(whole(), pg, func)
     pad = list(loc.shape)
     pad[d] = 1
     work = torch.cat([loc, loc.new_zeros(pad)], d)
@@ -125,7 +130,14 @@ def pad(func, args, kwargs):
         loc, spec = to_layout(x, REPLICA, pg, func), REPLICA
     else:
         loc = x._local
+    empty = spec.is_shard and loc.shape[spec.dim] == 0 and mode != "constant"
+    if empty:   # a rank holding none of an uneven dim: reflect/replicate/circular refuse an empty
+        pad1 = list(loc.shape)   # dim, so they pad one zero slice, dropped again (the same
+        pad1[spec.dim] = 1       # checks as the other ranks', and autograd still reaches loc)
+        loc = torch.cat([loc, loc.new_zeros(pad1)], spec.dim)
     out = F.pad(loc, widths, **b) if func is F.pad else func(loc, widths, *args[2:], **kwargs)
+    if empty:
+        out = out.narrow(spec.dim, 0, 0)
     shape = list(g)
     for i in range(0, len(widths), 2):
         k = len(g) - 1 - i // 2

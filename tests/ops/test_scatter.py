@@ -5,7 +5,7 @@ partial destination is reduced or a padded sharded dim is gathered."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as hs
+from hypothesis import given, settings, strategies as hs
 
 import shardtensor as st
 from shardtensor.testing import run
@@ -133,3 +133,121 @@ def test_pad_matches_serial(world, data):
             assert ospec == nspec and kinds == []
     for gr in gx:
         torch.testing.assert_close(gr, full.grad)
+
+
+# --- sources in any layout (found by the OpInfo sweep, tests/ops/opinfo_sweep.py) -------------
+
+SRC_OPS = ["index_add_", "index_add", "scatter_add_", "scatter_ src", "index_fill_ tensor"]
+
+
+def _src_inputs(name, shape, dim, m, seed):
+    full, perm, index, src, w = _inputs(shape, dim, m, seed)
+    if name == "index_fill_ tensor":   # a 0-d tensor value
+        src = torch.tensor(-1.25, dtype=torch.float64)
+    return full, perm, index, src, w
+
+
+def _apply_src(name, x, dim, perm, index, src):
+    if name == "index_fill_ tensor":
+        return x.index_fill_(dim, index, src)
+    return _apply(name, x, dim, perm, index, src)
+
+
+def _src_cases(rank, cases):
+    pg = st.ProcessGroup()
+    out = []
+    for name, shape, spec, sspec, dim, m, seed in cases:
+        full, perm, index, src, w = _src_inputs(name, shape, dim, m, seed)
+        full.requires_grad_()
+        src.requires_grad_()
+        x = make(full, spec, pg, rank, seed) * 1.0
+        s = make(src, sspec, pg, rank, seed + 1) if src.dim() else src
+        y = _apply_src(name, x, dim, perm, index, s)
+        got = (y.full() if isinstance(y, st.ShardedTensor) else y)
+        (got * w).sum().backward()
+        out.append((got.detach(), full.grad, src.grad))
+    return out
+
+
+@pytest.mark.parametrize("world", (2, 4))
+@settings(max_examples=8)
+@given(data=hs.data())
+def test_index_writes_take_sources_in_any_layout(world, data):
+    """The source / value of index_add_, scatter_add_, scatter_ and index_fill_ (a 0-d tensor)
+    in any layout, sharded along the written dim included, with the destination in any layout:
+    serial's values and gradients (a source sharded along the written dim met the destination's
+    shard: 'index_add_(): Number of indices (5) should be equal to source.size(dim): (3)'; a
+    0-d value along another dim than the sharded one: IndexError)."""
+    cases = []
+    for _ in range(6):
+        shape = data.draw(shapes(min_dims=1, max_dims=3, max_side=6))
+        dim = data.draw(hs.integers(0, len(shape) - 1))
+        m = data.draw(hs.integers(1, shape[dim]))
+        name = data.draw(hs.sampled_from(SRC_OPS))
+        sshape = list(shape)
+        sshape[dim] = m
+        cases.append((name, shape, data.draw(specs(shape, world)),
+                      data.draw(specs(tuple(sshape), world)), dim, m,
+                      data.draw(hs.integers(0, 2 ** 16))))
+    res = run(world, _src_cases, cases)
+    for k, (name, shape, spec, sspec, dim, m, seed) in enumerate(cases):
+        full, perm, index, src, w = _src_inputs(name, shape, dim, m, seed)
+        full.requires_grad_()
+        src.requires_grad_()
+        ref = _apply_src(name, full * 1.0, dim, perm, index, src)
+        (ref * w).sum().backward()
+        what = f"{name} {shape} dim {dim}, {spec} / source {sspec}"
+        gx = [r[k][1] for r in res][:1 if spec.is_partial else world]
+        gs = [r[k][2] for r in res][:1 if sspec.is_partial and src.dim() else world]
+        for r in res:
+            torch.testing.assert_close(r[k][0], ref.detach(), msg=what)
+        for g in gx:
+            torch.testing.assert_close(g, full.grad, msg=what)
+        for g in gs:
+            torch.testing.assert_close(g, src.grad, msg=what)
+
+
+def _pad_modes(rank, cases):
+    pg = st.ProcessGroup()
+    out = []
+    for shape, spec, widths, mode, seed in cases:
+        g = torch.Generator().manual_seed(seed)
+        full = torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_()
+        y = F.pad(make(full, spec, pg, rank, seed), widths, mode=mode)
+        got = y.full()
+        (got * torch.randn(got.shape, dtype=torch.float64, generator=g)).sum().backward()
+        out.append((got.detach(), full.grad))
+    return out
+
+
+@pytest.mark.parametrize("world", (2, 4))
+@settings(max_examples=6)
+@given(data=hs.data())
+def test_pad_modes_with_ranks_holding_nothing(world, data):
+    """F.pad reflect / replicate / circular with the input sharded on an unpadded dim whose size
+    is below the degree (ranks holding none of it): serial's values and gradients (those ranks
+    raised 'Expected 2D or 3D ... tensor with ... non-zero dimensions' alone, and the others
+    waited in their next collective: a hang)."""
+    cases = []
+    for _ in range(6):
+        k = data.draw(hs.integers(1, 2))   # padded dims (the last k)
+        lead = data.draw(hs.integers(1, 2))
+        shape = tuple(data.draw(hs.integers(1, world)) for _ in range(lead)) + \
+            tuple(data.draw(hs.integers(2, 5)) for _ in range(k))
+        mode = data.draw(hs.sampled_from(["reflect", "replicate", "circular"]))
+        widths = tuple(data.draw(hs.integers(0, shape[len(shape) - 1 - i // 2] - 1))
+                       for i in range(2 * k))
+        spec = data.draw(hs.sampled_from(
+            [st.ShardSpec(d, world) for d in range(lead)] + [st.PartialSpec()]))
+        cases.append((shape, spec, widths, mode, data.draw(hs.integers(0, 2 ** 16))))
+    res = run(world, _pad_modes, cases)
+    for k, (shape, spec, widths, mode, seed) in enumerate(cases):
+        g = torch.Generator().manual_seed(seed)
+        full = torch.randn(shape, dtype=torch.float64, generator=g).requires_grad_()
+        ref = F.pad(full, widths, mode=mode)
+        (ref * torch.randn(ref.shape, dtype=torch.float64, generator=g)).sum().backward()
+        what = f"{shape} {spec} {widths} {mode}"
+        for r in res:
+            torch.testing.assert_close(r[k][0], ref.detach(), msg=what)
+        for r in res[:1 if spec.is_partial else world]:
+            torch.testing.assert_close(r[k][1], full.grad, msg=what)
