@@ -46,8 +46,8 @@ def install() -> None:
     if orig is None or getattr(orig, "_shardtensor_deferred", False):
         return
 
-    def _open_zipfile_writer(name_or_buffer):
-        return _OpenAtFirstWrite(orig, name_or_buffer)
+    def _open_zipfile_writer(name_or_buffer, *args, **kwargs):   # any later torch's arguments
+        return _OpenAtFirstWrite(lambda dest: orig(dest, *args, **kwargs), name_or_buffer)
 
     _open_zipfile_writer._shardtensor_deferred = True
     _open_zipfile_writer.__wrapped__ = orig

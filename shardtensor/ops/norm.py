@@ -96,8 +96,20 @@ if hasattr(F, "rms_norm"):
         dims = tuple(range(nd - k, nd))
         h = local.float() if local.dtype in _LOW else local
         ms = allreduce_for_shards((h * h).sum(dims, keepdim=True), pg, func) / math.prod(shape)
-        y = (h * torch.rsqrt(ms + eps)).to(local.dtype)
-        return wrap(y if wl is None else y * wl, xs, pg, g)
+        y = h * torch.rsqrt(ms + eps)
+        if wl is None:
+            return wrap(y.to(local.dtype), xs, pg, g)
+        out = _rms_norm_dtype(local.dtype, wl.dtype)
+        if out == local.dtype:      # torch >= 2.5's kernel: weight applied upcast, cast once
+            return wrap((y * wl).to(out), xs, pg, g)
+        return wrap(y.to(local.dtype) * wl, xs, pg, g)   # torch 2.4's composite: promoted
+
+
+@lru_cache(maxsize=64)
+def _rms_norm_dtype(x: torch.dtype, w: torch.dtype) -> torch.dtype:
+    """The dtype serial F.rms_norm returns for an input and weight of these dtypes (torch 2.4
+    promotes a bfloat16 input times a float32 weight to float32; later kernels keep bfloat16)."""
+    return F.rms_norm(torch.ones(1, 2, dtype=x), (2,), torch.ones(2, dtype=w)).dtype
 
 
 # --- batch norm ----------------------------------------------------------------------------------
@@ -233,9 +245,11 @@ def _whole_groups(c: int, groups: int, spec) -> bool:
 
 
 @lru_cache(maxsize=1024)
-def _channel_index(c: int, spec, rank: int) -> torch.Tensor:
+def _channel_index(c: int, spec, rank: int, device: torch.device) -> torch.Tensor:
+    """This rank's channel numbers, made once per device (a host-to-device copy per call would
+    cost a GPU copy every step and cannot be captured in a CUDA graph)."""
     return torch.cat([torch.arange(s, s + n) for s, n in shard_ranges(c, spec.degree,
-                                                                       spec.stride, rank)])
+                                                                       spec.stride, rank)]).to(device)
 
 
 def _synced_group_stats(h, xs, g, groups, eps, pg, func):
@@ -248,7 +262,7 @@ def _synced_group_stats(h, xs, g, groups, eps, pg, func):
     size = c // groups
     spatial = tuple(range(2, h.dim()))
     count = size * math.prod(g[2:])
-    idx = _channel_index(c, xs, pg.tp_local_rank()).to(h.device) if xs.dim == 1 else None
+    idx = _channel_index(c, xs, pg.tp_local_rank(), h.device) if xs.dim == 1 else None
 
     def per_group(part):            # this rank's per-channel sums -> its channels' group means
         full = part if idx is None else part.new_zeros(n, c).index_add(1, idx, part)

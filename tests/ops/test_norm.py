@@ -125,3 +125,32 @@ def test_layer_norm_over_sharded_dims_keeps_low_precision_dtypes(world):
     # the normalised input was cast back to bfloat16 before float32 weight and bias: a float32
     # output (serial: bfloat16), rounded three times with same-dtype weights
     assert len(run(world, _low_precision_layer_norm, world)[0]) == 8
+
+
+def _low_precision_rms_norm(rank, world):
+    """F.rms_norm of a bfloat16 / float16 input sharded on the normalised dim, with a weight of
+    float32, the input's dtype, a sharded weight, or none: serial's dtype and values (torch 2.4
+    promotes to float32 with a float32 weight, later kernels keep the input's dtype)."""
+    pg = st.ProcessGroup()
+    out = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for wdtype in (torch.float32, dtype, None):
+            g = torch.Generator().manual_seed(5)
+            x = (torch.randn(3, 5, 12, generator=g) * 2 + 1).to(dtype)
+            w = None if wdtype is None else torch.randn(12, generator=g).to(wdtype)
+            for spec in (st.ShardSpec(2, world), st.ShardSpec(2, world, 3)):
+                ref = F.rms_norm(x, (12,), w, 1e-6)
+                sw = w if w is None else st.ShardedTensor.from_global(w, pg, st.ShardSpec(0, world, spec.stride))
+                for weight in ((w,) if w is None else (w, sw)):
+                    got = F.rms_norm(st.ShardedTensor.from_global(x, pg, spec), (12,), weight, 1e-6)
+                    torch.testing.assert_close(got.full(), ref)   # dtype included
+                    out.append((str(dtype), str(wdtype), repr(spec)))
+    return out
+
+
+@pytest.mark.skipif(not hasattr(F, "rms_norm"), reason="F.rms_norm is new in torch 2.4")
+@pytest.mark.parametrize("world", WORLDS)
+def test_rms_norm_over_sharded_dims_keeps_serials_dtype(world):
+    # the normalised input was cast back to bfloat16, then multiplied by the float32 weight: a
+    # float32 output where torch 2.13's serial rms_norm returns bfloat16
+    assert len(run(world, _low_precision_rms_norm, world)[0]) == 20
