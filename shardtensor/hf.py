@@ -170,7 +170,9 @@ def _guarded(save, refuse):
 def _refuse_adapter_shards(model: nn.Module, where: str, given: dict) -> None:
     """_refuse_shards over what PEFT's save_pretrained would save: each selected adapter's
     state dict, as PEFT computes it (LoRA's A or B is a shard in a parallelized model)."""
-    adapters = given.get("selected_adapters") or list(getattr(model, "peft_config", ()))
+    adapters = given.get("selected_adapters")
+    if adapters is None:            # PEFT: None is every adapter, [] is none
+        adapters = list(getattr(model, "peft_config", ()))
     if any(a not in getattr(model, "peft_config", ()) for a in adapters):
         return          # PEFT's own error for an unknown adapter, raised before it writes
     try:

@@ -82,6 +82,11 @@ def _peft_saves(rank, directory):
         message = str(e)
     with pytest.raises(ValueError, match="selected_adapters"):   # PEFT's own error stands
         model.save_pretrained(refused, selected_adapters=["nope"])
+    # selected_adapters=[] saves no adapter in PEFT (None is every adapter): nothing to refuse
+    none, none_serial = (os.path.join(directory, f"{k}{rank}") for k in ("none", "none_serial"))
+    model.save_pretrained(none, selected_adapters=[])
+    serial.save_pretrained(none_serial, selected_adapters=[])
+    assert sorted(os.listdir(none)) == sorted(os.listdir(none_serial))
     # the recipe the error names saves the adapters, which load serially
     recipe = os.path.join(directory, "recipe")
     model.save_pretrained(recipe, state_dict=st.full_state_dict(model),
