@@ -111,6 +111,10 @@ def _plan(lin, inplace, desc):
     is a replicated value meeting a non-replicated output (its gradient must be summed)."""
     shapes = [s for _, _, s in desc]
     out_shape = torch.Size(torch.broadcast_shapes(*shapes)) if len(shapes) > 1 else shapes[0]
+    if inplace and out_shape != shapes[0]:   # serial's error, on every rank (the shards of an
+        raise RuntimeError(                   # uneven layout might broadcast on some ranks)
+            f"output with shape {list(shapes[0])} doesn't match the broadcast shape "
+            f"{list(out_shape)}")
     n = len(out_shape)
     specs = [sp for _, sp, _ in desc]
     partial = [i for i, sp in enumerate(specs) if sp is not None and sp.is_partial]

@@ -6,7 +6,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as hs
+from hypothesis import given, settings, strategies as hs
 
 import shardtensor as st
 from shardtensor.testing import run
@@ -659,3 +659,48 @@ def test_allclose_and_equal_agree_on_every_rank(world):
                    (st.ShardSpec(0, world), None), (st.PartialSpec(), st.ShardSpec(1, world))]:
         for res in run(world, _allclose, sa, sb):
             assert res == (False, True, True, False, True), (sa, sb)
+
+
+def _inplace_too_small(rank, cases):
+    pg = st.ProcessGroup()
+    out = []
+    for xshape, yshape, spec, name, y_sharded in cases:
+        g = torch.Generator().manual_seed(len(out))
+        full = torch.randn(xshape, dtype=torch.float64, generator=g)
+        y = torch.randn(yshape, dtype=torch.float64, generator=g)
+        x = st.ShardedTensor.from_global(full.clone(), pg, spec)
+        if y_sharded:
+            y = st.ShardedTensor.from_global(y, pg, st.ShardSpec(spec.dim, spec.degree))
+        try:
+            getattr(x, name)(y)
+            err = None
+        except RuntimeError as e:
+            err = str(e)
+        out.append((err, torch.equal(x.full(), full)))   # (a collective after the error)
+    return out
+
+
+@pytest.mark.parametrize("world", (2, 4))
+@settings(max_examples=5)
+@given(data=hs.data())
+def test_inplace_whose_broadcast_outgrows_self_raises_on_every_rank(world, data):
+    """x.add_(y) where y broadcasts x to a larger shape raises serial's RuntimeError on every
+    rank, writing nothing. Sharded on a dim x has size 1 (uneven: ranks holding nothing) it
+    raised on some ranks only: at tp 4 a (5, 1) x sharded on dim 1 plus a (5, 5) y raised on
+    rank 0 and wrote on ranks 1-3 (found by the OpInfo sweep)."""
+    cases = []
+    for _ in range(6):
+        n = data.draw(hs.integers(2, 3))
+        dim = data.draw(hs.integers(0, n - 1))
+        yshape = tuple(data.draw(hs.integers(2, 5)) for _ in range(n))
+        xshape = tuple(1 if k == dim else s for k, s in enumerate(yshape))
+        name = data.draw(hs.sampled_from(["add_", "mul_", "sub_", "div_", "pow_", "atan2_",
+                                          "__iadd__"]))
+        cases.append((xshape, yshape, st.ShardSpec(dim, world), name,
+                      data.draw(hs.booleans())))
+    res = run(world, _inplace_too_small, cases)
+    for k, case in enumerate(cases):
+        for rank, r in enumerate(res):
+            err, unchanged = r[k]
+            assert err is not None and "doesn't match the broadcast shape" in err, (rank, case, err)
+            assert unchanged, (rank, case)
