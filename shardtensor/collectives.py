@@ -52,6 +52,18 @@ _AS_BYTES = frozenset(getattr(torch, n) for n in (
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
+def _cat_refused(dtype) -> bool:
+    try:   # torch < 2.5's CPU cat of small contiguous inputs along a dim > 0 has no float8 kernel
+        torch.cat([torch.zeros(1, 1, dtype=dtype)] * 2, 1)
+        return False
+    except RuntimeError:
+        return True
+
+
+# of those, the dtypes an all-to-all joins as their bytes (its pieces meet along the source dim)
+_CAT_AS_BYTES = frozenset(t for t in _AS_BYTES if _cat_refused(t))
+
+
 def all_reduce_(x: torch.Tensor, pg, op=None, phase: str = "forward",
                 reduce_op: str = "sum") -> torch.Tensor:
     """Reduce `x` in place over the tensor-parallel group: "sum" (default), "max" or "min"
@@ -162,6 +174,12 @@ def _all_to_all(x: torch.Tensor, src: ShardSpec, dst: ShardSpec, full_shape: Seq
                            output_split_sizes=[k * c for c in recv_numels],
                            input_split_sizes=[k * p.numel() for p in send_pieces],
                            group=pg.tp_process_group())
+    if send.dtype in _CAT_AS_BYTES:   # joined as bytes: each piece with a trailing dim of k
+        by = shard_spec(src.dim % x.dim(), src.degree, src.stride)
+        pieces = [c.view(s + [k]) for c, s in zip(torch.split(recv.view(torch.uint8),
+                                                              [k * c for c in recv_numels]),
+                                                  recv_shapes)]
+        return assemble(pieces, by).view(send.dtype).squeeze(-1)
     pieces = [c.view(s) for c, s in zip(torch.split(recv, recv_numels), recv_shapes)]
     return assemble(pieces, src)
 
