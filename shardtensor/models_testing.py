@@ -1,7 +1,7 @@
 """Small HuggingFace models for tests, demos and tutorials (random weights, no downloads)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -47,11 +47,15 @@ def has_sdpa(arch: str) -> bool:
     return bool(getattr(cls, "_supports_sdpa", False))
 
 
-def build(arch: str, attn: str = "sdpa", layers: int = 2, vocab: int = 61, seed: int = 0,
+def build(arch: str, attn: Optional[str] = None, layers: int = 2, vocab: int = 61, seed: int = 0,
           dtype=torch.float32):
     """A small random-weight model of `arch` ("gpt2", "opt", "bert", "t5", "llama") with the
-    attention implementation `attn` ("sdpa" or "eager"). The same seed gives the same weights."""
+    attention implementation `attn` ("sdpa" or "eager"; by default sdpa where the installed
+    transformers has it for `arch`, else eager: T5 before transformers 5). The same seed gives
+    the same weights."""
     cls, config = _config(arch, layers, vocab)
+    if attn is None:
+        attn = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = cls(config).to(dtype)

@@ -54,6 +54,16 @@ def test_forward_backward_equal_serial(arch, attn, world):
     assert sharded >= 4  # the plan really shards the model
 
 
+def test_build_defaults_to_an_attention_the_installed_transformers_has():
+    # build(arch) asked for sdpa whatever the version: on transformers 4.x build("t5") raised
+    # ValueError ('T5ForConditionalGeneration does not support an attention implementation
+    # through torch.nn.functional.scaled_dot_product_attention yet'), failing tutorial 03
+    for arch in ARCHS:
+        got = build(arch, layers=1).config._attn_implementation
+        assert got == ("sdpa" if has_sdpa(arch) else "eager"), (arch, got)
+    assert build("gpt2", "eager", layers=1).config._attn_implementation == "eager"
+
+
 def test_tp2_dp2_forward_backward_equal_serial():
     errs, _ = run(4, _same_as_serial, "gpt2", "sdpa", 2, 2)[0]
     bad = {k: v for k, v in errs.items() if not v < 1e-4}
