@@ -149,7 +149,7 @@ def batch_norm(func, args, kwargs):
     training, momentum, eps = v.get("training", False), v.get("momentum", 0.1), v.get("eps", 1e-5)
     pg = group_of(func, x, rm, rv, w, b)
     local, xs, g = _input(x, func)
-    synced = training and xs.is_shard and xs.dim != 1
+    synced = training and xs.is_shard and xs.dim != 1 and len(g) > 1   # 1-D: no channel dim
     if synced and math.prod(g) // g[1] < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{g}")                         # torch's check, on the global shape
@@ -159,7 +159,7 @@ def batch_norm(func, args, kwargs):
     if synced:
         out = _synced_batch_norm(local, g, stats[0][0], stats[1][0], wl, bl, momentum, eps, pg,
                                  func)
-    elif local.shape[1]:
+    elif local.dim() < 2 or local.shape[1]:
         out = F.batch_norm(local, stats[0][0], stats[1][0], wl, bl, training, momentum, eps)
     else:
         out = _no_channel(local, wl, bl)

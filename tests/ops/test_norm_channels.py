@@ -238,3 +238,34 @@ def test_low_precision_inputs_keep_their_dtype(world):
     # the statistics-spanning paths cast the normalised input to bfloat16 and then applied the
     # float32 weight and bias: a float32 output (serial: bfloat16), rounded twice
     assert len(run(world, _low_precision, world)[0]) == 10
+
+
+def _batch_norm_one_dim(rank):
+    """F.batch_norm of a 1-D input (no channel dim: serial accepts the empty one with empty
+    statistics and raises IndexError otherwise), sharded or replicated, training or not."""
+    pg = st.ProcessGroup()
+    out = []
+    for n in (0, 5):
+        for training in (True, False):
+            x = torch.randn(n, dtype=torch.float64)
+            stats = (torch.zeros(0, dtype=torch.float64), torch.ones(0, dtype=torch.float64))
+            for spec in (st.ShardSpec(0, pg.tp_world_size()), st.ReplicaSpec(), None):
+                xi = x if spec is None else st.ShardedTensor.from_global(x, pg, spec)
+                try:
+                    y = F.batch_norm(xi, *stats, training=training)
+                    got = ("ok", tuple(y.shape))
+                except Exception as e:  # noqa: BLE001  (compared with serial's)
+                    got = ("error", type(e).__name__)
+                out.append(((n, training, repr(spec)), got))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_batch_norm_of_a_one_dim_input_answers_as_serial(world):
+    # sharded training read the channel count of a 1-D input (IndexError where serial returns
+    # the empty input; found by the OpInfo sweep)
+    cases = dict(run(world, _batch_norm_one_dim)[0])
+    for (n, training, spec), got in cases.items():
+        serial = cases[(n, training, "None")]        # the plain tensor, same rank
+        assert serial == (("ok", (0,)) if n == 0 else ("error", "IndexError"))
+        assert got == serial, (n, training, spec, got)
