@@ -12,6 +12,7 @@ through the elementwise rules and the mean rule instead.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +93,15 @@ if hasattr(F, "rms_norm"):
         if not (xs.is_shard and xs.dim >= nd - k):
             return wrap(F.rms_norm(local, shape, wl, eps), xs, pg, g)
         if eps is None:
-            eps = torch.finfo(local.dtype).eps
+            eps = _rms_norm_eps(local.dtype)
         dims = tuple(range(nd - k, nd))
+        if local.dtype in _LOW and _rms_norm_composite():
+            # torch 2.4's composite, in the input's dtype: pow(x, 2), a mean summed in float32
+            # and rounded, eps rounded, rsqrt, x * it (then the weight, promoting): its rounding
+            sq = (local * local).float().sum(dims, keepdim=True)
+            ms = (allreduce_for_shards(sq, pg, func) / math.prod(shape)).to(local.dtype)
+            y = local * torch.rsqrt(ms + float(torch.tensor(eps, dtype=local.dtype)))
+            return wrap(y if wl is None else y * wl, xs, pg, g)
         h = local.float() if local.dtype in _LOW else local
         ms = allreduce_for_shards((h * h).sum(dims, keepdim=True), pg, func) / math.prod(shape)
         y = h * torch.rsqrt(ms + eps)
@@ -103,6 +111,27 @@ if hasattr(F, "rms_norm"):
         if out == local.dtype:      # torch >= 2.5's kernel: weight applied upcast, cast once
             return wrap((y * wl).to(out), xs, pg, g)
         return wrap(y.to(local.dtype) * wl, xs, pg, g)   # torch 2.4's composite: promoted
+
+
+@lru_cache(maxsize=1)
+def _rms_norm_composite() -> bool:
+    """Whether serial F.rms_norm is torch 2.4's composite, computing in the input's dtype (it
+    promotes a bfloat16 input times a float32 weight; later kernels compute in float32)."""
+    with warnings.catch_warnings():   # (torch >= 2.5: 'Mismatch dtype between input and weight')
+        warnings.simplefilter("ignore")
+        return _rms_norm_dtype(torch.bfloat16, torch.float32) == torch.float32
+
+
+@lru_cache(maxsize=16)
+def _rms_norm_eps(dtype: torch.dtype) -> float:
+    """The eps serial F.rms_norm adds when given none: torch 2.4 takes the input dtype's
+    epsilon, later kernels their compute dtype's (float32's for a bfloat16/float16 input)."""
+    x = torch.full((1, 1), 0.01, dtype=dtype)
+    ref = F.rms_norm(x, (1,))
+    for eps in (torch.finfo(dtype).eps, torch.finfo(torch.float32).eps):
+        if torch.equal(F.rms_norm(x, (1,), None, eps), ref):
+            return eps
+    return torch.finfo(dtype).eps
 
 
 @lru_cache(maxsize=64)

@@ -154,3 +154,32 @@ def test_rms_norm_over_sharded_dims_keeps_serials_dtype(world):
     # the normalised input was cast back to bfloat16, then multiplied by the float32 weight: a
     # float32 output where torch 2.13's serial rms_norm returns bfloat16
     assert len(run(world, _low_precision_rms_norm, world)[0]) == 20
+
+
+def _rms_norm_default_eps(rank, world):
+    """F.rms_norm without eps over a sharded normalised dim, inputs small enough for eps to
+    matter (mean square 1e-4 .. 1e-8) and of unit size: (dtype, scale, stride) where the value or
+    dtype differs from serial's."""
+    pg = st.ProcessGroup()
+    bad = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for scale in (1e-2, 1e-4, 1.0):
+            g = torch.Generator().manual_seed(7)
+            x = (torch.randn(4, 8, generator=g, dtype=torch.float64) * scale).to(dtype)
+            ref = F.rms_norm(x, (8,))
+            for stride in (1, 2):
+                got = F.rms_norm(st.ShardedTensor.from_global(x, pg, st.ShardSpec(1, world, stride)),
+                                 (8,)).full()
+                if got.dtype != ref.dtype or not torch.allclose(got, ref, rtol=1e-5, atol=0):
+                    bad.append((str(dtype), scale, stride))
+    return bad
+
+
+@pytest.mark.skipif(not hasattr(F, "rms_norm"), reason="F.rms_norm is new in torch 2.4")
+@pytest.mark.parametrize("world", WORLDS)
+def test_rms_norm_default_eps_is_serials(world):
+    # eps=None took the input dtype's epsilon (bfloat16: 0.0078): torch >= 2.5 adds float32's
+    # for a bfloat16/float16 input, so rms_norm of a (2, 4) bfloat16 tensor of 0.01 sharded on
+    # dim 1 gave 0.112 where serial gives 1.0 (torch 2.4 takes the input dtype's: kept there)
+    for rank, bad in enumerate(run(world, _rms_norm_default_eps, world)):
+        assert not bad, (rank, bad)
