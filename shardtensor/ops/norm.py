@@ -117,9 +117,7 @@ if hasattr(F, "rms_norm"):
 def _rms_norm_composite() -> bool:
     """Whether serial F.rms_norm is torch 2.4's composite, computing in the input's dtype (it
     promotes a bfloat16 input times a float32 weight; later kernels compute in float32)."""
-    with warnings.catch_warnings():   # (torch >= 2.5: 'Mismatch dtype between input and weight')
-        warnings.simplefilter("ignore")
-        return _rms_norm_dtype(torch.bfloat16, torch.float32) == torch.float32
+    return _rms_norm_dtype(torch.bfloat16, torch.float32) == torch.float32
 
 
 @lru_cache(maxsize=16)
@@ -138,7 +136,9 @@ def _rms_norm_eps(dtype: torch.dtype) -> float:
 def _rms_norm_dtype(x: torch.dtype, w: torch.dtype) -> torch.dtype:
     """The dtype serial F.rms_norm returns for an input and weight of these dtypes (torch 2.4
     promotes a bfloat16 input times a float32 weight to float32; later kernels keep bfloat16)."""
-    return F.rms_norm(torch.ones(1, 2, dtype=x), (2,), torch.ones(2, dtype=w)).dtype
+    with warnings.catch_warnings():   # (torch >= 2.5: 'Mismatch dtype between input and weight')
+        warnings.simplefilter("ignore")
+        return F.rms_norm(torch.ones(1, 2, dtype=x), (2,), torch.ones(2, dtype=w)).dtype
 
 
 # --- batch norm ----------------------------------------------------------------------------------
