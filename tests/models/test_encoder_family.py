@@ -13,6 +13,7 @@ import torch
 import shardtensor as st
 from shardtensor.testing import run
 from test_more_archs import _rel
+from test_vision_speech import _counts
 
 VOCAB = 61
 ARCHS = ("mbart", "marian", "pegasus", "siglip", "deit")
@@ -63,16 +64,6 @@ def _batch(arch: str):
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def _run(model, batch):
-    with st.CommTrace() as trace:
-        out = model(**batch)
-        out.loss.backward()
-    counts = {}
-    for e in trace.events:
-        counts[(e.phase, e.kind)] = counts.get((e.phase, e.kind), 0) + 1
-    return counts, out
-
-
 def _check(rank, world):
     """Per architecture: the largest relative error (loss, logits, every gradient), the
     collectives per block, the sharded parameters' count and the vocabulary's layouts."""
@@ -84,7 +75,7 @@ def _check(rank, world):
         batch = _batch(arch)
         ref = serial(**batch)
         ref.loss.backward()
-        two, out = _run(model, batch)
+        two, out, _ = _counts(model, batch)
         logits = "logits_per_image" if arch == "siglip" else "logits"
         errs = {"loss": _rel(out.loss, ref.loss),
                 "logits": _rel(getattr(out, logits), getattr(ref, logits))}
@@ -101,7 +92,7 @@ def _check(rank, world):
             floor = qb.grad.abs().max() if name.endswith("k_proj.bias") else 1e-5
             errs[name] = _rel(p.grad, q.grad, floor)
         one = st.parallelize(build(arch, 1), pg)
-        per_block = {k: v - _run(one, batch)[0].get(k, 0) for k, v in two.items()}
+        per_block = {k: v - _counts(one, batch)[0].get(k, 0) for k, v in two.items()}
         results[arch] = (max(errs.items(), key=lambda kv: kv[1]),
                          {k: v for k, v in per_block.items() if v}, {k for _, k in two},
                          sum(p.spec.is_shard for p in model.parameters()),

@@ -20,15 +20,14 @@ def _st(t, pg, spec):
     return st.ShardedTensor.from_global(t, pg, spec) if spec is not None else t
 
 
-def _conv(rank, nd, shapes, conf, x_spec, w_spec, b_spec, seed):
-    pg = st.ProcessGroup()
-    torch.manual_seed(seed)
+def _against_serial(func, pg, shapes, layouts, conf):
+    """func (a convolution) on float64 inputs of `shapes` (x, weight, bias or None) laid out as
+    `layouts` against serial, values and gradients -> (output spec, forward collectives)."""
     xs, ws, bs = shapes
     x, w = torch.randn(xs, dtype=torch.float64), torch.randn(ws, dtype=torch.float64)
     b = torch.randn(bs, dtype=torch.float64) if bs else None
     leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
-    func = (F.conv1d, F.conv2d)[nd - 1]
-    args = [_st(t, pg, s) for t, s in ((x, x_spec), (w, w_spec), (b, b_spec)) if t is not None]
+    args = [_st(t, pg, s) for t, s in zip(leaves, layouts)]
     with st.CommTrace() as trace:
         out = func(args[0], args[1], args[2] if b is not None else None, *conf)
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
@@ -41,6 +40,13 @@ def _conv(rank, nd, shapes, conf, x_spec, w_spec, b_spec, seed):
         torch.testing.assert_close(t.grad, r.grad, **TOL)
     forward = [e.kind for e in trace.events if e.phase == "forward" and e.op != "from_global"]
     return out.spec, forward
+
+
+def _conv(rank, nd, shapes, conf, x_spec, w_spec, b_spec, seed):
+    pg = st.ProcessGroup()
+    torch.manual_seed(seed)
+    return _against_serial((F.conv1d, F.conv2d)[nd - 1], pg, shapes, (x_spec, w_spec, b_spec),
+                           conf)
 
 
 @hs.composite

@@ -10,36 +10,15 @@ from hypothesis import given, strategies as hs
 import shardtensor as st
 from shardtensor.testing import run
 from strategies import WORLDS, specs
+from test_conv import _against_serial
 
-TOL = dict(rtol=1e-9, atol=1e-10)
 FUNCS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-
-
-def _st(t, pg, spec):
-    return st.ShardedTensor.from_global(t, pg, spec) if spec is not None else t
 
 
 def _one(pg, nd, shapes, conf, layouts, seed):
     """One case: (output spec, forward collectives) after checking values and gradients."""
     torch.manual_seed(seed)
-    xs, ws, bs = shapes
-    x, w = torch.randn(xs, dtype=torch.float64), torch.randn(ws, dtype=torch.float64)
-    b = torch.randn(bs, dtype=torch.float64) if bs else None
-    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
-    func = FUNCS[nd - 1]
-    args = [_st(t, pg, s) for t, s in zip(leaves, layouts)]
-    with st.CommTrace() as trace:
-        out = func(args[0], args[1], args[2] if b is not None else None, *conf)
-    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    ref = func(ref_leaves[0], ref_leaves[1], ref_leaves[2] if b is not None else None, *conf)
-    g = torch.randn(ref.shape, dtype=torch.float64)
-    (out.full() * g).sum().backward()
-    (ref * g).sum().backward()
-    torch.testing.assert_close(out.full(), ref.detach(), **TOL)
-    for t, r in zip(leaves, ref_leaves):
-        torch.testing.assert_close(t.grad, r.grad, **TOL)
-    forward = [e.kind for e in trace.events if e.phase == "forward"]
-    return out.spec, forward
+    return _against_serial(FUNCS[nd - 1], pg, shapes, layouts, conf)
 
 
 def _cases(rank, cases):
