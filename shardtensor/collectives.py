@@ -113,9 +113,15 @@ def _in_layout_of(full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     vocab-sharded row drew other tokens than serial's)."""
     if x.is_contiguous():   # through 1-D: serial's strides on size-1 dims too, which a
         return full.contiguous().view(-1).view(full.shape)   # contiguous tensor may lack
+    return empty_in_dim_order(full.shape, x, dtype=full.dtype, device=full.device).copy_(full)
+
+
+def empty_in_dim_order(shape, x: torch.Tensor, **kw) -> torch.Tensor:
+    """An empty tensor of `shape` whose dims lie in memory in the order of `x`'s strides
+    (outermost first), as `empty_like(x)` lays out a dense x."""
     perm = sorted(range(x.dim()), key=lambda k: -x.stride(k))
-    out = full.new_empty([full.shape[k] for k in perm])
-    return out.permute([perm.index(k) for k in range(x.dim())]).copy_(full)
+    out = torch.empty([shape[k] for k in perm], **kw)
+    return out.permute([perm.index(k) for k in range(x.dim())])
 
 
 def _reduce_scatter(x: torch.Tensor, spec: ShardSpec, pg, op, phase) -> torch.Tensor:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ..collectives import all_reduce_, gather_from_region
+from ..collectives import all_reduce_, empty_in_dim_order, gather_from_region
 from ..dispatch import UnsupportedOpError
 from .. import trace as _trace
 from ._util import (PARTIAL, REPLICA, ST, check_index, shard_spec, group_of, materialize, rule,
@@ -391,8 +391,7 @@ def _empty_in_order_of(shape, local: torch.Tensor) -> torch.Tensor:
     perm = sorted(range(local.dim()), key=lambda k: -local.stride(k))
     if not local.permute(perm).is_contiguous():   # not dense: torch allocates contiguous
         return torch.empty(shape, **kw)
-    out = torch.empty([shape[k] for k in perm], **kw)
-    return out.permute([perm.index(k) for k in range(local.dim())])
+    return empty_in_dim_order(shape, local, **kw)
 
 
 # --- sort (top-p) and running sums ----------------------------------------------------------------
